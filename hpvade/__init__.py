@@ -1,0 +1,12 @@
+"""hpvade: Hierarchical Prototype VAE for bulk RNA-seq deconvolution on AnnData."""
+
+import logging
+
+from hpvade import baselines, datasets, metrics, pl, pp
+from hpvade.model import HPVADE
+
+__version__ = "0.1.0"
+
+logging.getLogger(__name__).addHandler(logging.NullHandler())
+
+__all__ = ["HPVADE", "__version__", "baselines", "datasets", "metrics", "pl", "pp"]

@@ -1,0 +1,16 @@
+"""Names and numbers shared across hpvade."""
+
+#: Every signature column and every (pseudo)bulk row is scaled to this total (counts per million).
+CPM_SCALE = 1e6
+
+#: Extra registry key for the optional raw-count layer (scvi-tools' keys cover X and labels).
+COUNTS_KEY = "counts"
+
+#: Keys of the tensors that pair a minibatch of pseudobulks with a minibatch of cells.
+BULK_KEY = "bulk"
+BULK_PROPORTIONS_KEY = "bulk_proportions"
+
+#: Where results are written on the user's AnnData.
+PROPORTIONS_KEY = "hpvade_proportions"
+FIT_SCORE_KEY = "hpvade_fit_score"
+PSEUDOBULK_PROPORTIONS_KEY = "proportions"

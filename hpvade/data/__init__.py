@@ -1,0 +1,6 @@
+"""Data handling: signature building, pseudobulk simulation, chunked matrix access."""
+
+from hpvade.data._pseudobulk import simulate_pseudobulk
+from hpvade.data._signature import build_signature
+
+__all__ = ["build_signature", "simulate_pseudobulk"]

@@ -1,0 +1,78 @@
+"""Bring a user's bulk AnnData onto the reference genes in linear CPM space."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+from anndata import AnnData
+
+from hpvade.data._matrix import get_matrix
+from hpvade.data._pseudobulk import cpm_rows
+
+#: Non-integer data whose maximum stays below this is taken as log-transformed.
+#: log1p(1e6) ≈ 13.8 and log2(1e6 + 1) ≈ 19.9, while linear counts or CPM of any real
+#: sample reach thousands.
+LOG_SCALE_MAX = 50.0
+
+
+def looks_log_transformed(values: np.ndarray) -> bool:
+    """True for non-integer data whose maximum is below what linear expression reaches."""
+    if values.size == 0:
+        return False
+    non_integer = not np.allclose(values, np.round(values))
+    return non_integer and float(values.max()) < LOG_SCALE_MAX
+
+
+def bulk_to_cpm(bulk: AnnData, genes: pd.Index, layer: str | None = None) -> np.ndarray:
+    """Return the bulk samples' CPM over ``genes`` (samples × genes, float64).
+
+    Genes are matched by name (extra bulk genes are ignored) and the matched counts are
+    CPM-normalised, so raw counts, CPM and TPM all give the same result.
+
+    Raises
+    ------
+    ValueError
+        Reference genes are missing, values are log-scale, negative or non-finite, or a sample
+        has no counts on the reference genes.
+    """
+    if not bulk.var_names.is_unique:
+        dup = bulk.var_names[bulk.var_names.duplicated()].unique()[:5].tolist()
+        raise ValueError(
+            f"Bulk var_names are not unique (e.g. {dup}). Sum or drop duplicated genes first, "
+            "e.g. `bulk = bulk[:, ~bulk.var_names.duplicated()].copy()`."
+        )
+    missing = genes.difference(bulk.var_names)
+    if len(missing) > 0:
+        raise ValueError(
+            f"{len(missing)} of {len(genes)} reference genes are missing from the bulk "
+            f"(e.g. {missing[:5].tolist()}). Restrict the reference to shared genes before "
+            "setup: `ref = ref[:, ref.var_names.isin(bulk.var_names)].copy()`, then "
+            "`HPVADE.setup_anndata(ref, ...)` and train again."
+        )
+    columns = bulk.var_names.get_indexer(genes)
+    matrix = get_matrix(bulk, layer)
+    values = matrix[:, columns]
+    values = values.toarray() if sp.issparse(values) else np.asarray(values)
+    values = values.astype(np.float64)
+    where = f"`bulk.layers[{layer!r}]`" if layer else "`bulk.X`"
+    if not np.all(np.isfinite(values)):
+        raise ValueError(f"{where} contains NaN or infinite values; remove or impute them.")
+    if np.any(values < 0):
+        raise ValueError(
+            f"{where} contains negative values; pass linear-scale counts, CPM or TPM, not "
+            "centred or scaled data."
+        )
+    if looks_log_transformed(values):
+        raise ValueError(
+            f"{where} looks log-transformed (non-integer values, max {values.max():.3g} < "
+            f"{LOG_SCALE_MAX:g}). Deconvolution mixes in linear space: pass raw counts, CPM or "
+            "TPM, e.g. `np.expm1(x)` for log1p data."
+        )
+    zero = np.flatnonzero(values.sum(axis=1) <= 0)
+    if zero.size:
+        raise ValueError(
+            f"{zero.size} bulk samples have no counts on the reference genes "
+            f"(e.g. {bulk.obs_names[zero[:5]].tolist()}); remove them before deconvolution."
+        )
+    return cpm_rows(values)

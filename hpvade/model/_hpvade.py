@@ -1,0 +1,396 @@
+"""The HPVADE model (scvi-tools ``BaseModelClass``)."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+from anndata import AnnData
+from scvi import REGISTRY_KEYS, settings
+from scvi.data import AnnDataManager
+from scvi.data.fields import CategoricalObsField, LayerField
+from scvi.dataloaders import DataSplitter
+from scvi.model._utils import get_max_epochs_heuristic, use_distributed_sampler
+from scvi.model.base import BaseModelClass
+from scvi.train import TrainRunner
+from scvi.utils import setup_anndata_dsp
+from scvi.utils._docstrings import devices_dsp
+
+from hpvade._constants import COUNTS_KEY, PROPORTIONS_KEY
+from hpvade.data._bulk import bulk_to_cpm
+from hpvade.data._labels import get_label_codes
+from hpvade.data._pseudobulk import cpm_rows, mix_cells, sample_cell_counts
+from hpvade.data._signature import aggregate_by_type, cpm_columns, warn_if_flat
+from hpvade.data._split import stratified_split
+from hpvade.data._validation import validate_reference
+from hpvade.module import HPVADEModule
+from hpvade.train import HPVADETrainingPlan
+
+logger = logging.getLogger(__name__)
+
+_NOT_TRAINED = "The model is not trained yet: call `model.train()` first."
+
+
+class HPVADE(BaseModelClass):
+    """Hierarchical Prototype Variational Autoencoder for bulk deconvolution.
+
+    A VAE over the reference cells and a deconvolution network over (pseudo)bulk samples share
+    one learnable signature S (genes × types, CPM). The signature starts from the reference
+    (:func:`hpvade.pp.build_signature`); a prototype loss ties each cell type's decoded cells to
+    its column of S, and bulk samples are reconstructed as ``p @ S.T`` in CPM space.
+
+    Parameters
+    ----------
+    adata
+        Reference registered with :meth:`setup_anndata`.
+    registry
+        Saved registry, used by :meth:`load` when no AnnData is given.
+    n_hidden
+        Hidden units per layer.
+    n_latent
+        Dimensionality of the latent space.
+    n_layers
+        Hidden layers of the encoder and decoder.
+    dropout_rate
+        Dropout rate of the networks.
+    **module_kwargs
+        Passed to :class:`~hpvade.module.HPVADEModule` (loss weights, ``n_layers_deconv``, ...).
+
+    Examples
+    --------
+    >>> hpvade.HPVADE.setup_anndata(ref, labels_key="cell_type")
+    >>> model = hpvade.HPVADE(ref)
+    >>> model.train()
+    >>> props = model.get_proportions(bulk)
+    """
+
+    _module_cls = HPVADEModule
+    _training_plan_cls = HPVADETrainingPlan
+    _data_splitter_cls = DataSplitter
+    _train_runner_cls = TrainRunner
+
+    def __init__(
+        self,
+        adata: AnnData | None = None,
+        registry: dict | None = None,
+        n_hidden: int = 128,
+        n_latent: int = 32,
+        n_layers: int = 1,
+        dropout_rate: float = 0.1,
+        **module_kwargs,
+    ):
+        super().__init__(adata, registry)
+        n_labels = self.summary_stats.n_labels
+        signature = None
+        if adata is not None:
+            signature = cpm_columns(
+                aggregate_by_type(adata, self._label_codes(), n_labels, *self._linear_source())
+            )
+            warn_if_flat(signature, stacklevel=settings.warnings_stacklevel)
+        self.module = self._module_cls(
+            n_input=self.summary_stats.n_vars,
+            n_labels=n_labels,
+            signature=signature,
+            n_hidden=n_hidden,
+            n_latent=n_latent,
+            n_layers=n_layers,
+            dropout_rate=dropout_rate,
+            use_counts=self._setup_args().get("counts_layer") is not None,
+            **module_kwargs,
+        )
+        self.scale_check_: dict | None = None
+        self._model_summary_string = (
+            f"HPVADE model: {self.summary_stats.n_vars} genes, {n_labels} cell types, "
+            f"n_latent {n_latent}, n_hidden {n_hidden}."
+        )
+        self.init_params_ = self._get_init_params(locals())
+
+    # --------------------------------------------------------------------- registry helpers
+    def _setup_args(self) -> dict:
+        return self.registry_.get("setup_args", {})
+
+    def _state(self, key: str) -> dict:
+        return self.registry_["field_registries"][key]["state_registry"]
+
+    @property
+    def cell_types(self) -> pd.Index:
+        """Cell-type names, in the order of the signature columns."""
+        return pd.Index(np.asarray(self._state(REGISTRY_KEYS.LABELS_KEY)["categorical_mapping"]))
+
+    @property
+    def var_names(self) -> pd.Index:
+        """Reference genes, in the order of the signature rows."""
+        return pd.Index(np.asarray(self._state(REGISTRY_KEYS.X_KEY)["column_names"]))
+
+    def _label_codes(self) -> np.ndarray:
+        codes = self.get_from_registry(self.adata, REGISTRY_KEYS.LABELS_KEY)
+        return np.asarray(codes).ravel().astype(np.int64)
+
+    def _linear_source(self) -> tuple[str | None, bool]:
+        """(layer, is_log1p) of the data that is summed into S and into pseudobulks."""
+        args = self._setup_args()
+        if args.get("counts_layer") is not None:
+            return args["counts_layer"], False
+        return args.get("layer"), True
+
+    def _simulate_pool(
+        self, cells: np.ndarray, n_samples: int, cells_per_sample: int, alpha: float, seed: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        rng = np.random.default_rng(seed)
+        counts, fractions = sample_cell_counts(
+            self._label_codes(),
+            self.summary_stats.n_labels,
+            n_samples,
+            cells_per_sample,
+            alpha,
+            rng,
+            cell_indices=cells,
+        )
+        cpm = cpm_rows(mix_cells(self.adata, counts, *self._linear_source()))
+        return (
+            torch.as_tensor(cpm, dtype=torch.float32),
+            torch.as_tensor(fractions, dtype=torch.float32),
+        )
+
+    # ----------------------------------------------------------------------------- getters
+    def get_proportions(
+        self,
+        bulk: AnnData,
+        layer: str | None = None,
+        key_added: str = PROPORTIONS_KEY,
+        batch_size: int | None = None,
+        refine_steps: int = 50,
+    ) -> pd.DataFrame:
+        """Estimate cell-type proportions of bulk samples.
+
+        Parameters
+        ----------
+        bulk
+            Bulk samples (samples × genes) on a linear scale (raw counts, CPM or TPM). Genes are
+            matched by name; extra genes are ignored.
+        layer
+            Layer of ``bulk`` with the values; ``None`` uses ``bulk.X``.
+        key_added
+            Key of ``bulk.obsm`` where the proportions are written.
+        batch_size
+            Samples per forward pass; defaults to 1024.
+        refine_steps
+            Steps that refine the network's proportions on the bulk-reconstruction loss with
+            the learned S (0 returns the network's output as is).
+
+        Returns
+        -------
+        DataFrame (samples × cell types); rows sum to 1. Also written to ``bulk.obsm[key_added]``.
+        """
+        self._check_if_trained(warn=False, message=_NOT_TRAINED)
+        cpm = bulk_to_cpm(bulk, self.var_names, layer)
+        proportions = self._deconvolve(cpm, batch_size, refine_steps)
+        result = pd.DataFrame(proportions, index=bulk.obs_names.copy(), columns=self.cell_types)
+        bulk.obsm[key_added] = result
+        return result
+
+    def _deconvolve(
+        self, cpm: np.ndarray, batch_size: int | None, refine_steps: int
+    ) -> np.ndarray:
+        batch_size = batch_size or 1024
+        self.module.eval()
+        device = self.module.device
+        parts = []
+        for start in range(0, cpm.shape[0], batch_size):
+            chunk = torch.as_tensor(cpm[start : start + batch_size], dtype=torch.float32)
+            chunk = chunk.to(device)
+            with torch.no_grad():
+                proportions = self.module.deconvolve(chunk)
+            if refine_steps > 0:
+                proportions = self.module.refine_proportions(chunk, proportions, refine_steps)
+            parts.append(proportions.double().cpu())
+        proportions = torch.cat(parts).numpy()
+        return proportions / proportions.sum(axis=1, keepdims=True)
+
+    @torch.inference_mode()
+    def get_signature(self) -> pd.DataFrame:
+        """The learned signature S (genes × cell types, CPM; columns sum to 1e6)."""
+        signature = self.module.signature().double().cpu().numpy()
+        return pd.DataFrame(signature, index=self.var_names, columns=self.cell_types)
+
+    @torch.inference_mode()
+    def get_latent_representation(
+        self,
+        adata: AnnData | None = None,
+        indices: Sequence[int] | None = None,
+        give_mean: bool = True,
+        batch_size: int | None = None,
+    ) -> np.ndarray:
+        """Latent representation of reference cells (cells × ``n_latent``).
+
+        Parameters
+        ----------
+        adata
+            AnnData set up like the reference; ``None`` uses the model's.
+        indices
+            Cells to use; ``None`` uses all.
+        give_mean
+            Return the posterior mean rather than a sample.
+        batch_size
+            Cells per minibatch; defaults to ``scvi.settings.batch_size``.
+        """
+        self._check_if_trained(warn=False, message=_NOT_TRAINED)
+        adata = self._validate_anndata(adata)
+        loader = self._make_data_loader(adata=adata, indices=indices, batch_size=batch_size)
+        self.module.eval()
+        latent = []
+        for tensors in loader:
+            outputs = self.module.inference(**self.module._get_inference_input(tensors))
+            z = outputs["qz"].loc if give_mean else outputs["z"]
+            latent.append(z.cpu())
+        return torch.cat(latent).numpy()
+
+    # ----------------------------------------------------------------------------- training
+    @devices_dsp.dedent
+    def train(
+        self,
+        max_epochs: int | None = None,
+        batch_size: int = 128,
+        n_pseudobulk: int = 4000,
+        cells_per_pseudobulk: int = 500,
+        pseudobulk_alpha: float = 1.0,
+        accelerator: str = "auto",
+        devices: int | list[int] | str = "auto",
+        train_size: float = 0.9,
+        early_stopping: bool = False,
+        strict_scale_check: bool = False,
+        datasplitter_kwargs: dict | None = None,
+        plan_kwargs: dict | None = None,
+        **trainer_kwargs,
+    ):
+        """Train the model on the registered reference.
+
+        Reference cells are split (stratified by type) into training and validation cells; a
+        pool of pseudobulks is simulated from each part, so validation never sees a training
+        cell. Every cell minibatch is paired with a pseudobulk minibatch of the same size.
+
+        Parameters
+        ----------
+        max_epochs
+            Epochs over the training cells; ``None`` uses scvi-tools' heuristic
+            (400 below 20,000 cells, fewer above).
+        batch_size
+            Cells (and pseudobulks) per minibatch.
+        n_pseudobulk
+            Size of the training pseudobulk pool; the validation pool is a fifth of it.
+        cells_per_pseudobulk
+            Cells summed into each pseudobulk.
+        pseudobulk_alpha
+            Dirichlet concentration of the simulated proportions.
+        %(param_accelerator)s
+        %(param_devices)s
+        train_size
+            Fraction of each type's cells used for training; the rest validates.
+        early_stopping
+            Stop on ``elbo_validation`` (scvi-tools' early stopping).
+        strict_scale_check
+            Raise instead of warning when the first-batch scale ratio is outside [0.1, 10].
+        datasplitter_kwargs
+            Passed to :class:`~scvi.dataloaders.DataSplitter`.
+        plan_kwargs
+            Passed to :class:`~hpvade.train.HPVADETrainingPlan` (``lr``, ...).
+        **trainer_kwargs
+            Passed to :class:`~scvi.train.Trainer` (Lightning), e.g. ``strategy="ddp"``.
+            ``gradient_clip_val`` defaults to 5.0.
+        """
+        if max_epochs is None:
+            max_epochs = get_max_epochs_heuristic(self.adata.n_obs)
+        codes = self._label_codes()
+        rng = np.random.default_rng(settings.seed)
+        train_idx, val_idx = stratified_split(codes, train_size, rng)
+        seed = int(rng.integers(2**31))
+        pool_train = self._simulate_pool(
+            train_idx, n_pseudobulk, cells_per_pseudobulk, pseudobulk_alpha, seed
+        )
+        pool_val = None
+        if val_idx.size:
+            pool_val = self._simulate_pool(
+                val_idx,
+                max(n_pseudobulk // 5, 1),
+                cells_per_pseudobulk,
+                pseudobulk_alpha,
+                seed + 1,
+            )
+        self.module.set_bulk_standardization(pool_train[0])
+
+        datasplitter_kwargs = dict(datasplitter_kwargs or {})
+        datasplitter_kwargs.setdefault(
+            "drop_last",
+            train_idx.size % batch_size == 1,  # BatchNorm needs 2 cells a batch
+        )
+        splitter = self._data_splitter_cls(
+            self.adata_manager,
+            external_indexing=[train_idx, val_idx, np.array([], dtype=np.int64)],
+            batch_size=batch_size,
+            distributed_sampler=use_distributed_sampler(trainer_kwargs.get("strategy")),
+            **datasplitter_kwargs,
+        )
+        plan = self._training_plan_cls(
+            self.module,
+            pseudobulk_train=pool_train,
+            pseudobulk_validation=pool_val,
+            strict_scale_check=strict_scale_check,
+            **(plan_kwargs or {}),
+        )
+        trainer_kwargs.setdefault("gradient_clip_val", 5.0)
+        if val_idx.size:
+            trainer_kwargs.setdefault("check_val_every_n_epoch", max(1, max_epochs // 10))
+        runner = self._train_runner_cls(
+            self,
+            training_plan=plan,
+            data_splitter=splitter,
+            max_epochs=max_epochs,
+            accelerator=accelerator,
+            devices=devices,
+            early_stopping=early_stopping,
+            **trainer_kwargs,
+        )
+        try:
+            return runner()
+        finally:
+            self.scale_check_ = plan.scale_check
+
+    # -------------------------------------------------------------------------------- setup
+    @classmethod
+    @setup_anndata_dsp.dedent
+    def setup_anndata(
+        cls,
+        adata: AnnData,
+        labels_key: str,
+        layer: str | None = None,
+        counts_layer: str | None = None,
+        **kwargs,
+    ):
+        """%(summary)s.
+
+        Parameters
+        ----------
+        %(param_adata)s
+        labels_key
+            Column of ``adata.obs`` with cell-type labels.
+        layer
+            Layer with log1p-normalised expression; ``None`` uses ``adata.X``.
+        counts_layer
+            Optional layer with raw counts. When given, the VAE reconstructs counts and
+            pseudobulks and S are built from counts.
+        """
+        setup_method_args = cls._get_setup_method_args(**locals())
+        get_label_codes(adata, labels_key)
+        validate_reference(adata, layer, counts_layer)
+        anndata_fields = [
+            LayerField(REGISTRY_KEYS.X_KEY, layer, is_count_data=False),
+            CategoricalObsField(REGISTRY_KEYS.LABELS_KEY, labels_key),
+        ]
+        if counts_layer is not None:
+            anndata_fields.append(LayerField(COUNTS_KEY, counts_layer, is_count_data=True))
+        adata_manager = AnnDataManager(fields=anndata_fields, setup_method_args=setup_method_args)
+        adata_manager.register_fields(adata, **kwargs)
+        cls.register_manager(adata_manager)

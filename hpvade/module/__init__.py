@@ -1,0 +1,5 @@
+"""Torch modules (scvi-tools ``BaseModuleClass``)."""
+
+from hpvade.module._hpvade import LOSS_TERMS, HPVADEModule
+
+__all__ = ["LOSS_TERMS", "HPVADEModule"]

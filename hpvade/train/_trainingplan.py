@@ -1,0 +1,183 @@
+"""Training plan: pairs cell minibatches with pseudobulk minibatches and guards the scales."""
+
+from __future__ import annotations
+
+import logging
+import math
+import warnings
+
+import torch
+from scvi import REGISTRY_KEYS, settings
+from scvi.train import TrainingPlan
+
+from hpvade._constants import BULK_KEY, BULK_PROPORTIONS_KEY
+from hpvade.module import HPVADEModule
+
+logger = logging.getLogger(__name__)
+
+#: ``scale_ratio = mean(bulk) / mean(p @ S.T)`` outside this range gets a warning ...
+SCALE_WARN_RANGE = (0.5, 2.0)
+#: ... and outside this one a severe warning (an error with ``strict_scale_check=True``).
+SCALE_SEVERE_RANGE = (0.1, 10.0)
+
+
+class NonFiniteLossError(FloatingPointError):
+    """A loss term became NaN or infinite; training was stopped."""
+
+
+class ScaleMismatchError(ValueError):
+    """The bulk and the reconstructed bulk are on different scales (strict checking)."""
+
+
+class HPVADETrainingPlan(TrainingPlan):
+    """:class:`~scvi.train.TrainingPlan` for :class:`~hpvade.HPVADE`.
+
+    Every minibatch of reference cells is paired with a minibatch drawn from a pool of
+    pseudobulks simulated from the training cells; validation pairs held-out cells with
+    pseudobulks simulated from held-out cells. On the first training batch the plan records the
+    scales of the bulk, of S and of ``p @ S.T`` and warns on a mismatch; any non-finite loss term
+    stops training with :class:`NonFiniteLossError`.
+
+    Parameters
+    ----------
+    module
+        The :class:`~hpvade.module.HPVADEModule`.
+    pseudobulk_train
+        ``(cpm, proportions)`` tensors of the training pool.
+    pseudobulk_validation
+        ``(cpm, proportions)`` tensors of the validation pool, or ``None``.
+    strict_scale_check
+        Raise :class:`ScaleMismatchError` instead of warning when the scale ratio is outside
+        [0.1, 10].
+    **kwargs
+        Passed to :class:`~scvi.train.TrainingPlan` (``lr``, ``weight_decay``, KL warm-up, ...).
+    """
+
+    def __init__(
+        self,
+        module: HPVADEModule,
+        *,
+        pseudobulk_train: tuple[torch.Tensor, torch.Tensor],
+        pseudobulk_validation: tuple[torch.Tensor, torch.Tensor] | None = None,
+        strict_scale_check: bool = False,
+        **kwargs,
+    ):
+        super().__init__(module, **kwargs)
+        self.strict_scale_check = strict_scale_check
+        self.register_buffer("pool_train_cpm", pseudobulk_train[0], persistent=False)
+        self.register_buffer("pool_train_props", pseudobulk_train[1], persistent=False)
+        if pseudobulk_validation is not None:
+            self.register_buffer("pool_val_cpm", pseudobulk_validation[0], persistent=False)
+            self.register_buffer("pool_val_props", pseudobulk_validation[1], persistent=False)
+        self.scale_check: dict[str, float] | None = None
+
+    # ------------------------------------------------------------------------------- helpers
+    @staticmethod
+    def _with_bulk(batch, cpm, props, index):
+        batch = dict(batch)
+        batch[BULK_KEY] = cpm[index]
+        batch[BULK_PROPORTIONS_KEY] = props[index]
+        return batch
+
+    def _check_finite(self, loss_output, stage: str) -> None:
+        terms = {
+            "reconstruction_loss": loss_output.reconstruction_loss_sum,
+            "kl_local": loss_output.kl_local_sum,
+            **loss_output.extra_metrics,
+            "loss": loss_output.loss,
+        }
+        for name, value in terms.items():
+            if not torch.isfinite(value).all():
+                raise NonFiniteLossError(
+                    f"Non-finite {name} ({float(value.detach().float().mean())}) at {stage} step "
+                    f"{self.global_step} (epoch {self.current_epoch}); training stopped. Likely "
+                    "causes: a learning rate that is too high (try plan_kwargs={'lr': 1e-4}), a "
+                    "bulk/signature scale mismatch (see the scale check), or NaN/Inf in the input."
+                )
+
+    def _check_scales(self, batch, inference_outputs) -> None:
+        with torch.no_grad():
+            bulk = batch[BULK_KEY]
+            signature = self.module.signature()
+            reconstruction = inference_outputs["proportions"] @ signature.T
+            check = {
+                "scale_bulk": float(bulk.mean()),
+                "scale_signature": float(signature.mean()),
+                "scale_reconstruction": float(reconstruction.mean()),
+            }
+            ratio = check["scale_bulk"] / max(check["scale_reconstruction"], 1e-30)
+            check["scale_ratio"] = ratio
+        self.scale_check = check
+        for key, value in check.items():
+            self.log(key, value, on_step=False, on_epoch=True, batch_size=1)
+        logger.info(
+            "First-batch scale check: mean bulk %.4g, mean S %.4g, mean p @ S.T %.4g, ratio %.3g",
+            check["scale_bulk"],
+            check["scale_signature"],
+            check["scale_reconstruction"],
+            ratio,
+        )
+        message = (
+            f"Bulk and reconstructed bulk are on different scales: mean bulk "
+            f"{check['scale_bulk']:.4g} vs mean p @ S.T {check['scale_reconstruction']:.4g} "
+            f"(mean S {check['scale_signature']:.4g}), scale_ratio {ratio:.3g}. Both must be "
+            "linear CPM (rows summing to 1e6): a log-transformed bulk, counts that were not "
+            "CPM-normalised, or a signature built on another scale are the usual causes."
+        )
+        lo, hi = SCALE_SEVERE_RANGE
+        if not lo <= ratio <= hi or not math.isfinite(ratio):
+            if self.strict_scale_check:
+                raise ScaleMismatchError(message)
+            warnings.warn(
+                "SEVERE: " + message + " Training is likely to diverge.",
+                UserWarning,
+                stacklevel=settings.warnings_stacklevel,
+            )
+        elif not SCALE_WARN_RANGE[0] <= ratio <= SCALE_WARN_RANGE[1]:
+            warnings.warn(message, UserWarning, stacklevel=settings.warnings_stacklevel)
+
+    # --------------------------------------------------------------------------- lightning
+    def training_step(self, batch, batch_idx):
+        """Training step: cells plus a random pseudobulk minibatch from the training pool."""
+        n = batch[REGISTRY_KEYS.X_KEY].shape[0]
+        index = torch.randint(
+            self.pool_train_cpm.shape[0], (n,), device=self.pool_train_cpm.device
+        )
+        batch = self._with_bulk(batch, self.pool_train_cpm, self.pool_train_props, index)
+        if "kl_weight" in self.loss_kwargs:
+            kl_weight = self.kl_weight
+            self.loss_kwargs.update({"kl_weight": kl_weight})
+            self.log("kl_weight", kl_weight, on_step=True, on_epoch=False)
+        inference_outputs, _, loss_output = self.forward(batch, loss_kwargs=self.loss_kwargs)
+        if self.scale_check is None:
+            self._check_scales(batch, inference_outputs)
+        self._check_finite(loss_output, "training")
+        self.log(
+            "train_loss",
+            loss_output.loss,
+            on_step=self.on_step,
+            on_epoch=self.on_epoch,
+            prog_bar=True,
+            sync_dist=self.use_sync_dist,
+        )
+        self.compute_and_log_metrics(loss_output, self.train_metrics, "train")
+        return loss_output.loss
+
+    def validation_step(self, batch, batch_idx):
+        """Validation step: held-out cells plus held-out pseudobulks, taken in order."""
+        if not hasattr(self, "pool_val_cpm"):
+            return
+        n = batch[REGISTRY_KEYS.X_KEY].shape[0]
+        n_pool = self.pool_val_cpm.shape[0]
+        index = (torch.arange(n, device=self.pool_val_cpm.device) + batch_idx * n) % n_pool
+        batch = self._with_bulk(batch, self.pool_val_cpm, self.pool_val_props, index)
+        _, _, loss_output = self.forward(batch, loss_kwargs=self.loss_kwargs)
+        self._check_finite(loss_output, "validation")
+        self.log(
+            "validation_loss",
+            loss_output.loss,
+            on_step=self.on_step,
+            on_epoch=self.on_epoch,
+            sync_dist=self.use_sync_dist,
+        )
+        self.compute_and_log_metrics(loss_output, self.val_metrics, "validation")

@@ -1,0 +1,77 @@
+"""Shared fixtures: the real PBMC reference that ships with scanpy, and a small trained model."""
+
+from __future__ import annotations
+
+import logging
+import warnings
+
+import numpy as np
+import pytest
+import scvi
+
+import hpvade
+from hpvade.datasets import PBMC_LABELS_KEY
+
+logging.getLogger("lightning").setLevel(logging.ERROR)
+logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
+
+LABELS = PBMC_LABELS_KEY
+
+
+@pytest.fixture(scope="session")
+def pbmc():
+    """700 real PBMCs (log1p-normalised, sparse) with 10 labelled types."""
+    return hpvade.datasets.pbmc68k_reference()
+
+
+@pytest.fixture(scope="session")
+def pbmc_split(pbmc):
+    """50/50 split stratified by type: (reference half, test half)."""
+    return hpvade.datasets.split_by_type(pbmc, LABELS, fraction=0.5, seed=0)
+
+
+@pytest.fixture(scope="session")
+def trained(pbmc_split):
+    """An HPVADE model trained briefly on the reference half (shared by read-only tests)."""
+    scvi.settings.seed = 0
+    ref = pbmc_split[0].copy()
+    hpvade.HPVADE.setup_anndata(ref, labels_key=LABELS)
+    model = hpvade.HPVADE(ref)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model.train(max_epochs=60, enable_progress_bar=False)
+    return model
+
+
+@pytest.fixture(scope="session")
+def test_bulk(pbmc_split):
+    """Held-out pseudobulks simulated from the test half only."""
+    return hpvade.pp.simulate_pseudobulk(
+        pbmc_split[1], LABELS, n_samples=120, cells_per_sample=500, seed=1
+    )
+
+
+def make_reference(n_cells=200, n_genes=60, n_types=3, seed=0, sparse=True):
+    """A tiny synthetic log1p-normalised reference with distinct type profiles."""
+    import anndata as ad
+    import pandas as pd
+    import scipy.sparse as sp
+
+    rng = np.random.default_rng(seed)
+    profiles = rng.gamma(0.5, 1.0, size=(n_types, n_genes)) + 0.01
+    types = rng.integers(0, n_types, n_cells)
+    types[:n_types] = np.arange(n_types)
+    counts = rng.poisson(profiles[types] * 20).astype(np.float32)
+    counts[counts.sum(1) == 0, 0] = 1
+    norm = counts / counts.sum(1, keepdims=True) * 1e4
+    x = np.log1p(norm).astype(np.float32)
+    adata = ad.AnnData(
+        X=sp.csr_matrix(x) if sparse else x,
+        obs=pd.DataFrame(
+            {"cell_type": pd.Categorical([f"type{t}" for t in types])},
+            index=[f"cell{i}" for i in range(n_cells)],
+        ),
+        var=pd.DataFrame(index=[f"gene{j}" for j in range(n_genes)]),
+    )
+    adata.layers["counts"] = sp.csr_matrix(counts) if sparse else counts
+    return adata

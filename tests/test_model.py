@@ -1,0 +1,177 @@
+"""HPVADE end to end: setup, training, scale check, proportions, getters, save/load."""
+
+import warnings
+
+import numpy as np
+import pandas as pd
+import pytest
+import scvi
+import torch
+
+import hpvade
+from hpvade.train import NonFiniteLossError, ScaleMismatchError
+
+from .conftest import LABELS, make_reference
+
+
+def _quiet_train(model, **kwargs):
+    kwargs.setdefault("enable_progress_bar", False)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*(num_workers|LeafSpec|logging interval).*")
+        model.train(**kwargs)
+
+
+def test_initial_signature_is_build_signature(pbmc_split):
+    ref = pbmc_split[0].copy()
+    hpvade.HPVADE.setup_anndata(ref, labels_key=LABELS)
+    model = hpvade.HPVADE(ref)
+    S = model.get_signature()
+    expected = hpvade.pp.build_signature(ref, LABELS)
+    np.testing.assert_allclose(S.sum(0), 1e6, rtol=1e-4)
+    assert list(S.columns) == list(expected.columns)
+    assert np.corrcoef(S.to_numpy().ravel(), expected.to_numpy().ravel())[0, 1] > 0.999
+
+
+def test_scale_check_recorded_and_in_range(trained):
+    check = trained.scale_check_
+    assert 0.5 <= check["scale_ratio"] <= 2.0
+    assert check["scale_bulk"] == pytest.approx(1e6 / trained.summary_stats.n_vars, rel=1e-3)
+    history = trained.history
+    assert "scale_ratio" in history
+    assert 0.5 <= float(history["scale_ratio"].iloc[0, 0]) <= 2.0
+    for term in ["prototype_loss_train", "bulk_loss_train", "proportion_loss_train"]:
+        assert term in history and np.isfinite(history[term].to_numpy(float)).all()
+    assert "bulk_loss_validation" in history
+
+
+def test_proportions_contract(trained, test_bulk):
+    bulk = test_bulk.copy()
+    props = trained.get_proportions(bulk)
+    assert list(props.index) == list(bulk.obs_names)
+    assert list(props.columns) == list(trained.cell_types)
+    np.testing.assert_allclose(props.sum(1), 1.0, atol=1e-5)
+    assert (props.to_numpy() >= 0).all()
+    pd.testing.assert_frame_equal(bulk.obsm["hpvade_proportions"], props)
+    r = hpvade.metrics.pearson(props, bulk.obsm["proportions"])
+    assert r > 0.55  # a 60-epoch model on held-out cells; the demo reports the full figure
+
+
+def test_raw_counts_and_cpm_give_same_proportions(trained, test_bulk):
+    bulk = test_bulk.copy()
+    rng = np.random.default_rng(0)
+    depth = rng.uniform(1e6, 3e7, size=(bulk.n_obs, 1))
+    counts = bulk.copy()
+    counts.X = np.round(bulk.X / 1e6 * depth).astype(np.float32)
+    cpm = counts.copy()
+    cpm.X = counts.X / counts.X.sum(1, keepdims=True) * 1e6
+    a = trained.get_proportions(counts)
+    b = trained.get_proportions(cpm)
+    np.testing.assert_allclose(a.to_numpy(), b.to_numpy(), atol=1e-5)
+
+
+def test_log_bulk_and_missing_genes_are_refused(trained, test_bulk):
+    logged = test_bulk.copy()
+    logged.X = np.log1p(logged.X)
+    with pytest.raises(ValueError, match="looks log-transformed.*pass raw counts, CPM or TPM"):
+        trained.get_proportions(logged)
+    missing = test_bulk[:, test_bulk.var_names[5:]].copy()
+    with pytest.raises(ValueError, match=r"5 of 765 reference genes are missing.*Restrict"):
+        trained.get_proportions(missing)
+    assert "hpvade_proportions" not in logged.obsm
+
+
+def test_extra_and_reordered_bulk_genes_are_matched_by_name(trained, test_bulk):
+    bulk = test_bulk.copy()
+    expected = trained.get_proportions(bulk)
+    extra = np.full((bulk.n_obs, 3), 50.0, dtype=np.float32)
+    import anndata as ad
+
+    shuffled = ad.concat(
+        [bulk, ad.AnnData(extra, obs=bulk.obs, var=pd.DataFrame(index=["x1", "x2", "x3"]))],
+        axis=1,
+    )
+    shuffled = shuffled[:, np.random.default_rng(0).permutation(shuffled.n_vars)].copy()
+    got = trained.get_proportions(shuffled)
+    np.testing.assert_allclose(got.to_numpy(), expected.to_numpy(), atol=1e-5)
+
+
+def test_latent_and_signature_getters(trained):
+    z = trained.get_latent_representation()
+    assert z.shape == (trained.adata.n_obs, 32)
+    assert np.isfinite(z).all()
+    S = trained.get_signature()
+    np.testing.assert_allclose(S.sum(0), 1e6, rtol=1e-4)
+    assert (S.to_numpy() >= 0).all()
+
+
+def test_untrained_model_refuses_proportions(pbmc_split, test_bulk):
+    ref = pbmc_split[0].copy()
+    hpvade.HPVADE.setup_anndata(ref, labels_key=LABELS)
+    model = hpvade.HPVADE(ref)
+    with pytest.raises(RuntimeError, match=r"not trained yet.*model\.train\(\)"):
+        model.get_proportions(test_bulk.copy())
+
+
+def test_save_load_roundtrip(trained, test_bulk, tmp_path):
+    trained.save(tmp_path / "model", overwrite=True)
+    loaded = hpvade.HPVADE.load(tmp_path / "model", adata=trained.adata)
+    a = trained.get_proportions(test_bulk.copy())
+    b = loaded.get_proportions(test_bulk.copy())
+    np.testing.assert_allclose(a.to_numpy(), b.to_numpy(), atol=1e-6)
+    pd.testing.assert_frame_equal(trained.get_signature(), loaded.get_signature())
+    assert loaded.scale_check_ == trained.scale_check_
+    no_data = hpvade.HPVADE.load(tmp_path / "model")
+    np.testing.assert_allclose(
+        no_data.get_proportions(test_bulk.copy()).to_numpy(), a.to_numpy(), atol=1e-6
+    )
+
+
+def test_mis_scaled_bulk_is_seen_on_the_first_batch():
+    """Failure mode 4: a bulk 100x off the reconstruction's scale warns, or raises if strict."""
+    adata = make_reference()
+    hpvade.HPVADE.setup_anndata(adata, labels_key="cell_type")
+    model = hpvade.HPVADE(adata, n_hidden=16, n_latent=4)
+    original = model._simulate_pool
+
+    def mis_scaled(*args, **kwargs):
+        cpm, props = original(*args, **kwargs)
+        return cpm * 100, props
+
+    model._simulate_pool = mis_scaled
+    with pytest.warns(UserWarning, match=r"SEVERE.*scale_ratio 100"):
+        _quiet_train(model, max_epochs=1, n_pseudobulk=64)
+    assert model.scale_check_["scale_ratio"] == pytest.approx(100, rel=1e-3)
+    with pytest.raises(ScaleMismatchError, match="different scales"):
+        _quiet_train(model, max_epochs=1, n_pseudobulk=64, strict_scale_check=True)
+
+
+def test_moderate_scale_gap_warns_without_severe():
+    adata = make_reference()
+    hpvade.HPVADE.setup_anndata(adata, labels_key="cell_type")
+    model = hpvade.HPVADE(adata, n_hidden=16, n_latent=4)
+    original = model._simulate_pool
+    model._simulate_pool = lambda *a, **k: (original(*a, **k)[0] * 3, original(*a, **k)[1])
+    with pytest.warns(UserWarning, match=r"^Bulk and reconstructed bulk.*scale_ratio 3"):
+        _quiet_train(model, max_epochs=1, n_pseudobulk=64)
+
+
+def test_nan_loss_stops_training_naming_the_term():
+    adata = make_reference()
+    hpvade.HPVADE.setup_anndata(adata, labels_key="cell_type")
+    model = hpvade.HPVADE(adata, n_hidden=16, n_latent=4)
+    with torch.no_grad():
+        model.module.signature_logits[0, 0] = float("nan")
+    with pytest.raises(NonFiniteLossError, match=r"Non-finite prototype_loss .* step 0"):
+        _quiet_train(model, max_epochs=2, n_pseudobulk=64)
+
+
+def test_seed_makes_training_reproducible(test_bulk):
+    adata = make_reference()
+    hpvade.HPVADE.setup_anndata(adata, labels_key="cell_type")
+    results = []
+    for _ in range(2):
+        scvi.settings.seed = 7
+        model = hpvade.HPVADE(adata, n_hidden=16, n_latent=4)
+        _quiet_train(model, max_epochs=3, n_pseudobulk=64)
+        results.append(model.get_signature().to_numpy())
+    np.testing.assert_array_equal(results[0], results[1])
