@@ -19,13 +19,14 @@ from scvi.train import TrainRunner
 from scvi.utils import setup_anndata_dsp
 from scvi.utils._docstrings import devices_dsp
 
-from hpvade._constants import COUNTS_KEY, PROPORTIONS_KEY
+from hpvade._constants import COUNTS_KEY, FIT_SCORE_KEY, PROPORTIONS_KEY
 from hpvade.data._bulk import bulk_to_cpm
 from hpvade.data._labels import get_label_codes
 from hpvade.data._pseudobulk import cpm_rows, mix_cells, sample_cell_counts
 from hpvade.data._signature import aggregate_by_type, cpm_columns, warn_if_flat
 from hpvade.data._split import stratified_split
 from hpvade.data._validation import validate_reference
+from hpvade.model._adaptation import adapt_signature, reconstruction_error
 from hpvade.module import HPVADEModule
 from hpvade.train import HPVADETrainingPlan
 
@@ -102,6 +103,10 @@ class HPVADE(BaseModelClass):
             **module_kwargs,
         )
         self.scale_check_: dict | None = None
+        self.adaptation_: dict | None = None
+        self.type_cell_counts_ = (
+            np.bincount(self._label_codes(), minlength=n_labels) if adata is not None else None
+        )
         self._model_summary_string = (
             f"HPVADE model: {self.summary_stats.n_vars} genes, {n_labels} cell types, "
             f"n_latent {n_latent}, n_hidden {n_hidden}."
@@ -184,13 +189,150 @@ class HPVADE(BaseModelClass):
         Returns
         -------
         DataFrame (samples × cell types); rows sum to 1. Also written to ``bulk.obsm[key_added]``.
+        The fit-quality score of each sample, the mean over genes of the squared difference
+        between ``anscombe(p @ S.T)`` and ``anscombe(bulk)`` (0 = perfectly explained; larger
+        means the reference explains the sample less well, e.g. a cell type missing from the
+        reference), is written to ``bulk.obs["hpvade_fit_score"]``.
         """
         self._check_if_trained(warn=False, message=_NOT_TRAINED)
         cpm = bulk_to_cpm(bulk, self.var_names, layer)
         proportions = self._deconvolve(cpm, batch_size, refine_steps)
         result = pd.DataFrame(proportions, index=bulk.obs_names.copy(), columns=self.cell_types)
         bulk.obsm[key_added] = result
+        bulk.obs[FIT_SCORE_KEY] = self._fit_score(cpm, proportions)
         return result
+
+    @torch.no_grad()
+    def _fit_score(self, cpm: np.ndarray, proportions: np.ndarray) -> np.ndarray:
+        signature = self.module.signature().detach().cpu()
+        return (
+            reconstruction_error(
+                torch.as_tensor(cpm, dtype=torch.float32),
+                torch.as_tensor(proportions, dtype=torch.float32),
+                signature,
+            )
+            .double()
+            .numpy()
+        )
+
+    def adapt(
+        self,
+        bulk: AnnData,
+        layer: str | None = None,
+        n_rounds: int = 300,
+        prior_strength: float = 1.0,
+        validation_fraction: float = 0.2,
+        tolerance: float = 1e-6,
+        refine_steps: int = 60,
+        distill_steps: int = 300,
+        gene_factor: bool = True,
+        factor_shrinkage: float = 0.0,
+        seed: int | None = None,
+    ) -> dict:
+        """Adapt the signature S and the deconvolution network to the user's bulk samples.
+
+        No labels are needed. Rounds alternate proportions given S (per-sample refinement of the
+        bulk-reconstruction loss) and S given proportions (per-gene ridge regression). The ridge
+        pulls S towards the signature learned with the single-cell path (VAE and prototype
+        loss), with a per-type strength proportional to the type's reference cells: a profile
+        averaged over few cells may move freely, a well-sampled one stays anchored. A free
+        per-gene factor absorbs a protocol's gene-wise bias. Rounds stop when S converges. A
+        share of the samples is held out: if the adapted S explains them worse than the
+        unadapted one, S is left unchanged. The network is then fine-tuned to predict the
+        adapted proportions, and :meth:`get_proportions` uses the adapted model.
+
+        Parameters
+        ----------
+        bulk
+            The user's bulk samples (linear scale), as for :meth:`get_proportions`.
+        layer
+            Layer of ``bulk`` with the values; ``None`` uses ``bulk.X``.
+        n_rounds
+            Maximum alternating rounds.
+        prior_strength
+            Strength of the pull towards the single-cell signature for a type with the mean
+            number of reference cells (in units of samples' worth of evidence).
+        validation_fraction
+            Share of samples held out to decide when to stop (none below 6 samples).
+        tolerance
+            Stop once S changes by less than this (relative L1) between rounds.
+        refine_steps
+            Optimiser steps of each proportion fit.
+        distill_steps
+            Steps fine-tuning the deconvolution network on the adapted proportions.
+        gene_factor
+            Also fit a free per-gene factor shared by all types (a protocol's gene-wise bias
+            between single-cell and bulk), so the prior does not fight a platform shift.
+        factor_shrinkage
+            Pull of that factor towards 1, in samples' worth of evidence.
+        seed
+            Seed of the held-out split; defaults to ``scvi.settings.seed``.
+
+        Returns
+        -------
+        Summary dict (also in ``model.adaptation_``): ``kept_round`` (0 = S unchanged),
+        ``n_rounds_run``, held-out ``validation_error`` (round 0, then every 10 rounds),
+        sample counts.
+        """
+        self._check_if_trained(warn=False, message=_NOT_TRAINED)
+        cpm = bulk_to_cpm(bulk, self.var_names, layer)
+        if self.type_cell_counts_ is None:
+            raise RuntimeError(
+                "Adaptation needs the reference's cells per type: load the model with its "
+                "reference, `HPVADE.load(path, adata=ref)`."
+            )
+        counts = np.asarray(self.type_cell_counts_, dtype=float)
+        strength = prior_strength * counts / counts.mean()
+        rng = np.random.default_rng((settings.seed or 0) if seed is None else seed)
+        self.module.eval()
+        prior = self.module.signature().detach().cpu().double().numpy()
+        initial = self._deconvolve(cpm, None, refine_steps=200)
+        result = adapt_signature(
+            cpm,
+            prior,
+            initial,
+            strength,
+            n_rounds=n_rounds,
+            validation_fraction=validation_fraction,
+            tolerance=tolerance,
+            refine_steps=refine_steps,
+            rng=rng,
+            gene_factor=gene_factor,
+            factor_shrinkage=factor_shrinkage,
+        )
+        if result.kept_round > 0:
+            self.module.set_signature(result.signature)
+            adapted = self._deconvolve(cpm, None, refine_steps=200)
+            self._distill(cpm, adapted, distill_steps)
+        self.adaptation_ = result.as_dict()
+        logger.info(
+            "Adapted S on %d bulk samples: kept round %d of %d (held-out error %.4g -> %.4g).",
+            cpm.shape[0],
+            result.kept_round,
+            result.n_rounds_run,
+            result.validation_error[0],
+            result.validation_error[-1],
+        )
+        return self.adaptation_
+
+    def _distill(self, cpm: np.ndarray, proportions: np.ndarray, n_steps: int) -> None:
+        """Fine-tune the deconvolution network to predict ``proportions`` from ``cpm``."""
+        if n_steps <= 0:
+            return
+        module = self.module
+        device = module.device
+        x = torch.as_tensor(cpm, dtype=torch.float32, device=device)
+        y = torch.as_tensor(proportions, dtype=torch.float32, device=device)
+        params = list(module.deconv_net.parameters()) + list(module.deconv_out.parameters())
+        optimizer = torch.optim.Adam(params, lr=1e-3)
+        module.deconv_net.train()
+        with torch.enable_grad():
+            for _ in range(n_steps):
+                optimizer.zero_grad()
+                loss = torch.nn.functional.mse_loss(module.deconvolve(x), y)
+                loss.backward()
+                optimizer.step()
+        module.eval()
 
     def _deconvolve(
         self, cpm: np.ndarray, batch_size: int | None, refine_steps: int

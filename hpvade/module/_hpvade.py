@@ -49,6 +49,10 @@ class HPVADEModule(BaseModuleClass):
         Weights of the prototype, bulk-reconstruction and proportion loss terms.
     use_counts
         Reconstruct the registered raw-count layer instead of ``expm1(X)``.
+    use_vae
+        Train the single-cell path (reconstruction, KL, prototype). ``False`` is an ablation.
+    learn_signature
+        Let training move S. ``False`` (an ablation) keeps the reference signature.
     """
 
     def __init__(
@@ -66,6 +70,8 @@ class HPVADEModule(BaseModuleClass):
         bulk_weight: float = 1.0,
         proportion_weight: float = 100.0,
         use_counts: bool = False,
+        use_vae: bool = True,
+        learn_signature: bool = True,
     ):
         super().__init__()
         self.n_input = n_input
@@ -75,6 +81,7 @@ class HPVADEModule(BaseModuleClass):
         self.bulk_weight = bulk_weight
         self.proportion_weight = proportion_weight
         self.use_counts = use_counts
+        self.signature_pseudocount = signature_pseudocount
 
         self.encoder = Encoder(
             n_input,
@@ -103,14 +110,20 @@ class HPVADEModule(BaseModuleClass):
             signature = np.full((n_input, n_labels), CPM_SCALE / n_input)
         signature = np.asarray(signature, dtype=np.float64) + signature_pseudocount
         # S = 1e6 * softmax(logits over genes): non-negative, every column sums to 1e6.
-        self.signature_logits = nn.Parameter(
-            torch.as_tensor(np.log(signature), dtype=torch.float32)
-        )
+        logits = torch.as_tensor(np.log(signature), dtype=torch.float32)
+        self.signature_logits = nn.Parameter(logits, requires_grad=learn_signature)
+        self.use_vae = use_vae
 
     # ----------------------------------------------------------------------------- signature
     def signature(self) -> torch.Tensor:
         """The current signature S (genes × types, CPM)."""
         return CPM_SCALE * torch.softmax(self.signature_logits, dim=0)
+
+    @torch.no_grad()
+    def set_signature(self, signature: np.ndarray) -> None:
+        """Set S (genes × types, linear); columns are rescaled to 1e6 by the parametrisation."""
+        values = np.asarray(signature, dtype=np.float64) + self.signature_pseudocount
+        self.signature_logits.copy_(torch.as_tensor(np.log(values), dtype=torch.float32))
 
     def set_bulk_standardization(self, cpm: torch.Tensor) -> None:
         """Fit the network's input standardisation on (pseudo)bulk CPM."""
@@ -132,14 +145,24 @@ class HPVADEModule(BaseModuleClass):
         return ((anscombe(bulk_rec) - anscombe(bulk_cpm)) ** 2).mean(-1)
 
     def refine_proportions(
-        self, bulk_cpm: torch.Tensor, initial: torch.Tensor, n_steps: int = 50, lr: float = 0.05
+        self, bulk_cpm: torch.Tensor, initial: torch.Tensor, n_steps: int = 50
     ) -> torch.Tensor:
         """Refine the network's proportions on the bulk-reconstruction loss (S held fixed).
 
         The network gives an amortised first guess; a few Adam steps on softmax logits then fit
         each sample to ``p @ S.T`` on the same variance-stabilised scale the model trains on.
         """
-        signature = self.signature().detach()
+        return self.refine_with_signature(bulk_cpm, self.signature().detach(), initial, n_steps)
+
+    @staticmethod
+    def refine_with_signature(
+        bulk_cpm: torch.Tensor,
+        signature: torch.Tensor,
+        initial: torch.Tensor,
+        n_steps: int,
+        lr: float = 0.05,
+    ) -> torch.Tensor:
+        """Per-sample proportions minimising the Anscombe-scale error to ``p @ signature.T``."""
         logits = torch.log(initial.detach().clamp_min(1e-6)).clone().requires_grad_(True)
         optimizer = torch.optim.Adam([logits], lr=lr)
         target = anscombe(bulk_cpm)
@@ -203,8 +226,11 @@ class HPVADEModule(BaseModuleClass):
 
         # reconstruction_loss and kl_local are logged by scvi-tools' ELBO metric already.
         metrics = {"prototype_loss": prototype}
-        total = torch.mean(reconstruction + kl_weight * kl_local)
-        total = total + self.prototype_weight * prototype
+        if self.use_vae:
+            total = torch.mean(reconstruction + kl_weight * kl_local)
+            total = total + self.prototype_weight * prototype
+        else:
+            total = torch.zeros((), device=reconstruction.device)
 
         if BULK_KEY in tensors and "proportions" in inference_outputs:
             bulk = tensors[BULK_KEY]

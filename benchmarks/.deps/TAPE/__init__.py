@@ -1,0 +1,2 @@
+from .deconvolution import Deconvolution
+from .simulation import generate_simulated_data
