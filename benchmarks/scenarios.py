@@ -58,7 +58,6 @@ def make_scenarios(
     """Build the seven scenarios of the accuracy benchmark (or the subset named in ``only``)."""
     rng = np.random.default_rng(123)
     clean = simulate(test, n_samples=n_samples, seed=1)
-    truth = clean.obsm["proportions"]
     x = np.asarray(clean.X, dtype=float)
     out: dict[str, Scenario] = {}
 
@@ -74,12 +73,13 @@ def make_scenarios(
     shift = np.exp(rng.normal(0, 0.5, size=x.shape[1]))
     add("4 shift", "gene-wise x exp(N(0,0.5^2))", _with_x(clean, x * shift))
     ref_missing = reference[reference.obs[PBMC_LABELS_KEY] != MISSING_TYPE].copy()
-    ref_missing.obs[PBMC_LABELS_KEY] = (
-        ref_missing.obs[PBMC_LABELS_KEY].cat.remove_unused_categories()
-    )
+    ref_missing.obs[PBMC_LABELS_KEY] = ref_missing.obs[
+        PBMC_LABELS_KEY
+    ].cat.remove_unused_categories()
     add("5 missing", f"reference lacks {MISSING_TYPE}", clean, ref_missing)
     bio = simulate(test, n_samples=50, seed=3)
     xb = np.asarray(bio.X, dtype=float)
-    add("6 biovar", "50 samples x own exp(N(0,0.3^2))", _with_x(bio, xb * np.exp(rng.normal(0, 0.3, xb.shape))))
+    noise = np.exp(rng.normal(0, 0.3, xb.shape))
+    add("6 biovar", "50 samples x own exp(N(0,0.3^2))", _with_x(bio, xb * noise))
     add("7 small", "12 clean samples", simulate(test, n_samples=12, seed=4))
     return out
