@@ -1,2 +1,0 @@
-from .deconvolution import Deconvolution
-from .simulation import generate_simulated_data
