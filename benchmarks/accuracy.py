@@ -81,17 +81,16 @@ def oracle(test, ref_types, bulk):
     )
 
 
-def _tape_inputs(ref, bulk):
-    """TAPE's inputs: linear single-cell expression indexed by type; bulk samples × genes."""
+def _tape_single_cell(ref) -> pd.DataFrame:
+    """TAPE's single-cell input: linear expression, cells × genes, indexed by type name."""
     x = ref.X.toarray() if hasattr(ref.X, "toarray") else np.asarray(ref.X)
-    if LABELS in ref.obs:
-        x = np.expm1(x)
-        index = ref.obs[LABELS].astype(str).to_numpy()
-    else:
-        index = ref.obs_names
-    sc_data = pd.DataFrame(x, index=index, columns=ref.var_names)
-    real = pd.DataFrame(np.asarray(bulk.X), index=bulk.obs_names, columns=bulk.var_names)
-    return sc_data, real
+    index = ref.obs[LABELS].astype(str).to_numpy()
+    return pd.DataFrame(np.expm1(x), index=index, columns=ref.var_names)
+
+
+def _tape_bulk(bulk) -> pd.DataFrame:
+    """TAPE's bulk input: samples × genes."""
+    return pd.DataFrame(np.asarray(bulk.X), index=bulk.obs_names, columns=bulk.var_names)
 
 
 @contextlib.contextmanager
@@ -122,6 +121,7 @@ class Peers:
     TAPE's 2 % lowest-variance gene filter is skipped so one gene set serves every scenario.
     """
 
+    EPOCHS = 128  # both tools' default
     ARCHITECTURES = {
         "m256": ([256, 128, 64, 32], [0, 0, 0, 0]),
         "m512": ([512, 256, 128, 64], [0, 0.3, 0.2, 0.1]),
@@ -133,17 +133,20 @@ class Peers:
         from TAPE.simulation import generate_simulated_data
         from TAPE.train import reproducibility, train_model
 
-        sc_data, _ = _tape_inputs(ref, ref[:1])
         with _tape_environment():
-            simulated = generate_simulated_data(sc_data=sc_data, samplenum=5000, sparse=True)
+            simulated = generate_simulated_data(
+                sc_data=_tape_single_cell(ref), samplenum=5000, sparse=True
+            )
             self.genes = list(ref.var_names)
             train_x = self._scale(pd.DataFrame(simulated.X, columns=simulated.var_names))
             train_y = simulated.obs
             self.cell_types = list(train_y.columns)
             reproducibility(SEED)
-            self.tape_model = train_model(train_x, train_y.values, batch_size=128, epochs=128)
+            self.tape_model = train_model(
+                train_x, train_y.values, batch_size=128, epochs=self.EPOCHS
+            )
             self.scaden_model = scaden(
-                self.ARCHITECTURES, train_x, train_y.values, batch_size=128, epochs=128
+                self.ARCHITECTURES, train_x, train_y.values, batch_size=128, epochs=self.EPOCHS
             )
             self.scaden_model.train()
 
@@ -156,10 +159,9 @@ class Peers:
     def tape(self, bulk):
         from TAPE.train import predict
 
-        _, real = _tape_inputs(bulk, bulk)
         with _tape_environment():
             _, pred = predict(
-                test_x=self._scale(real),
+                test_x=self._scale(_tape_bulk(bulk)),
                 genename=self.genes,
                 celltypes=self.cell_types,
                 samplename=bulk.obs_names,
@@ -170,9 +172,8 @@ class Peers:
         return pd.DataFrame(np.asarray(pred), index=bulk.obs_names, columns=self.cell_types)
 
     def scaden(self, bulk):
-        _, real = _tape_inputs(bulk, bulk)
         with _tape_environment():
-            pred = self.scaden_model.predict(self._scale(real))
+            pred = self.scaden_model.predict(self._scale(_tape_bulk(bulk)))
         return pd.DataFrame(np.asarray(pred), index=bulk.obs_names, columns=self.cell_types)
 
 
