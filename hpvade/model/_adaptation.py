@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from hpvade.module import HPVADEModule
-from hpvade.module._hpvade import anscombe
+from hpvade.module._hpvade import bulk_reconstruction_error
 
 logger = logging.getLogger(__name__)
 
@@ -39,18 +39,6 @@ class AdaptationResult:
             "n_fit_samples": self.n_fit_samples,
             "n_validation_samples": self.n_validation_samples,
         }
-
-
-def reconstruction_error(bulk: torch.Tensor, proportions: torch.Tensor, signature: torch.Tensor):
-    """Per-sample mean over genes of (anscombe(p @ S.T) - anscombe(bulk))^2."""
-    return ((anscombe(proportions @ signature.T) - anscombe(bulk)) ** 2).mean(-1)
-
-
-def fit_proportions(
-    bulk: torch.Tensor, signature: torch.Tensor, initial: torch.Tensor, n_steps: int
-) -> torch.Tensor:
-    """Proportions given S: the module's per-sample refinement with a fixed signature."""
-    return HPVADEModule.refine_with_signature(bulk, signature, initial, n_steps)
 
 
 def ridge_signature(
@@ -121,8 +109,8 @@ def adapt_signature(
         if n_val == 0:
             return float("nan")
         S_t = torch.as_tensor(signature, dtype=torch.float32)
-        P_val = fit_proportions(bulk_t[val], S_t, P[val], refine_steps)
-        return float(reconstruction_error(bulk_t[val], P_val, S_t).mean())
+        P_val = HPVADEModule.refine_with_signature(bulk_t[val], S_t, P[val], refine_steps)
+        return float(bulk_reconstruction_error(bulk_t[val], P_val, S_t).mean())
 
     errors = [held_out_error(S)]
     rounds = 0
@@ -130,7 +118,7 @@ def adapt_signature(
         rounds = k
         previous = S
         S_t = torch.as_tensor(S, dtype=torch.float32)
-        P = fit_proportions(bulk_t, S_t, P, refine_steps)
+        P = HPVADEModule.refine_with_signature(bulk_t, S_t, P, refine_steps)
         P_fit = P[fit].double().numpy()
         if gene_factor:
             factor = platform_factor(bulk_cpm[fit], P_fit, profiles, factor_shrinkage)

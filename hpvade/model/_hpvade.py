@@ -26,8 +26,9 @@ from hpvade.data._pseudobulk import cpm_rows, mix_cells, sample_cell_counts
 from hpvade.data._signature import aggregate_by_type, cpm_columns, warn_if_flat
 from hpvade.data._split import stratified_split
 from hpvade.data._validation import validate_reference
-from hpvade.model._adaptation import adapt_signature, reconstruction_error
+from hpvade.model._adaptation import adapt_signature
 from hpvade.module import HPVADEModule
+from hpvade.module._hpvade import bulk_reconstruction_error
 from hpvade.train import HPVADETrainingPlan
 
 logger = logging.getLogger(__name__)
@@ -206,7 +207,7 @@ class HPVADE(BaseModelClass):
     def _fit_score(self, cpm: np.ndarray, proportions: np.ndarray) -> np.ndarray:
         signature = self.module.signature().detach().cpu()
         return (
-            reconstruction_error(
+            bulk_reconstruction_error(
                 torch.as_tensor(cpm, dtype=torch.float32),
                 torch.as_tensor(proportions, dtype=torch.float32),
                 signature,

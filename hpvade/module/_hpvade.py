@@ -27,6 +27,13 @@ def anscombe(x: torch.Tensor) -> torch.Tensor:
     return 2.0 * torch.sqrt(x + 0.375)
 
 
+def bulk_reconstruction_error(
+    bulk_cpm: torch.Tensor, proportions: torch.Tensor, signature: torch.Tensor
+) -> torch.Tensor:
+    """Per-sample bulk loss: mean over genes of (anscombe(p @ S.T) - anscombe(bulk))^2."""
+    return ((anscombe(proportions @ signature.T) - anscombe(bulk_cpm)) ** 2).mean(-1)
+
+
 class HPVADEModule(BaseModuleClass):
     """Hierarchical Prototype VAE for deconvolution.
 
@@ -137,13 +144,6 @@ class HPVADEModule(BaseModuleClass):
         h = (torch.log1p(bulk_cpm) - self.bulk_center) / self.bulk_scale
         return torch.softmax(self.deconv_out(self.deconv_net(h)), dim=-1)
 
-    def reconstruction_error(
-        self, bulk_cpm: torch.Tensor, proportions: torch.Tensor
-    ) -> torch.Tensor:
-        """Per-sample bulk loss: mean over genes of (anscombe(p @ S.T) - anscombe(bulk))^2."""
-        bulk_rec = proportions @ self.signature().T
-        return ((anscombe(bulk_rec) - anscombe(bulk_cpm)) ** 2).mean(-1)
-
     def refine_proportions(
         self, bulk_cpm: torch.Tensor, initial: torch.Tensor, n_steps: int = 50
     ) -> torch.Tensor:
@@ -165,12 +165,11 @@ class HPVADEModule(BaseModuleClass):
         """Per-sample proportions minimising the Anscombe-scale error to ``p @ signature.T``."""
         logits = torch.log(initial.detach().clamp_min(1e-6)).clone().requires_grad_(True)
         optimizer = torch.optim.Adam([logits], lr=lr)
-        target = anscombe(bulk_cpm)
         with torch.enable_grad():
             for _ in range(n_steps):
                 optimizer.zero_grad()
-                bulk_rec = torch.softmax(logits, dim=-1) @ signature.T
-                loss = ((anscombe(bulk_rec) - target) ** 2).mean(-1).sum()
+                proportions = torch.softmax(logits, dim=-1)
+                loss = bulk_reconstruction_error(bulk_cpm, proportions, signature).sum()
                 loss.backward()
                 optimizer.step()
         return torch.softmax(logits.detach(), dim=-1)
@@ -235,8 +234,7 @@ class HPVADEModule(BaseModuleClass):
         if BULK_KEY in tensors and "proportions" in inference_outputs:
             bulk = tensors[BULK_KEY]
             proportions = inference_outputs["proportions"]
-            bulk_rec = proportions @ signature.T
-            bulk_loss = F.mse_loss(anscombe(bulk_rec), anscombe(bulk))
+            bulk_loss = bulk_reconstruction_error(bulk, proportions, signature).mean()
             proportion_loss = F.mse_loss(proportions, tensors[BULK_PROPORTIONS_KEY])
             metrics["bulk_loss"] = bulk_loss
             metrics["proportion_loss"] = proportion_loss
