@@ -18,14 +18,65 @@ def _values(block) -> np.ndarray:
     return block.data if sp.issparse(block) else np.asarray(block).ravel()
 
 
-def validate_reference(adata: AnnData, layer: str | None, counts_layer: str | None) -> None:
-    """Refuse negative or non-finite values; warn when X looks like raw counts.
+def validate_names(adata: AnnData) -> None:
+    """Refuse duplicated cell or gene names: genes are matched by name."""
+    for axis, names, fix in [
+        ("var_names", adata.var_names, "adata.var_names_make_unique()"),
+        ("obs_names", adata.obs_names, "adata.obs_names_make_unique()"),
+    ]:
+        if not names.is_unique:
+            duplicated = names[names.duplicated()].unique()[:5].tolist()
+            raise ValueError(
+                f"The reference's {axis} are not unique (e.g. {duplicated}); hpvade matches "
+                f"genes and cells by name. Make them unique first, e.g. `{fix}`."
+            )
 
-    Reads the matrix in row chunks, so it works on large and backed references.
+
+def warn_on_sparse_types_genes_and_cells(
+    adata: AnnData, codes: np.ndarray, categories, gene_totals, cell_totals
+) -> None:
+    """Warn about types with a single cell, genes never expressed, cells without counts."""
+    sizes = np.bincount(codes, minlength=len(categories))
+    single = [str(categories[t]) for t in np.flatnonzero(sizes == 1)]
+    if single:
+        warnings.warn(
+            f"Cell types {single} have a single reference cell: their profiles rest on one cell "
+            "and will be noisy. Merge or drop them if you can.",
+            UserWarning,
+            stacklevel=3,
+        )
+    n_zero_genes = int((gene_totals == 0).sum())
+    if n_zero_genes:
+        warnings.warn(
+            f"{n_zero_genes} of {adata.n_vars} genes are zero in every reference cell; they carry "
+            "no information. Consider `sc.pp.filter_genes(adata, min_cells=1)` before setup.",
+            UserWarning,
+            stacklevel=3,
+        )
+    n_zero_cells = int((cell_totals == 0).sum())
+    if n_zero_cells:
+        warnings.warn(
+            f"{n_zero_cells} reference cells have zero counts; they add nothing to the "
+            "signature. Consider `sc.pp.filter_cells(adata, min_counts=1)` before setup.",
+            UserWarning,
+            stacklevel=3,
+        )
+
+
+def validate_reference(adata: AnnData, layer: str | None) -> tuple[np.ndarray, np.ndarray]:
+    """Refuse duplicated names, negative or non-finite values; warn when X looks like counts.
+
+    Reads the matrix in row chunks, so it works on large and backed references. Returns the
+    per-gene and per-cell totals of the values it read.
     """
+    validate_names(adata)
     where = f"`adata.layers[{layer!r}]`" if layer else "`adata.X`"
     all_integer, maximum = True, 0.0
-    for _, _, block in iter_row_chunks(adata, layer):
+    gene_totals = np.zeros(adata.n_vars)
+    cell_totals = np.zeros(adata.n_obs)
+    for start, stop, block in iter_row_chunks(adata, layer):
+        gene_totals += np.asarray(block.sum(axis=0)).ravel()
+        cell_totals[start:stop] = np.asarray(block.sum(axis=1)).ravel()
         values = _values(block)
         if values.size == 0:
             continue
@@ -54,6 +105,11 @@ def validate_reference(adata: AnnData, layer: str | None, counts_layer: str | No
             UserWarning,
             stacklevel=3,
         )
+    return gene_totals, cell_totals
+
+
+def check_counts_layer(adata: AnnData, counts_layer: str | None) -> None:
+    """Refuse a count layer with negative or non-finite values."""
     if counts_layer is not None:
         for _, _, block in iter_row_chunks(adata, counts_layer):
             values = _values(block)

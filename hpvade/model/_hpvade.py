@@ -25,7 +25,11 @@ from hpvade.data._labels import get_label_codes
 from hpvade.data._pseudobulk import cpm_rows, mix_cells, sample_cell_counts
 from hpvade.data._signature import aggregate_by_type, cpm_columns, warn_if_flat
 from hpvade.data._split import stratified_split
-from hpvade.data._validation import validate_reference
+from hpvade.data._validation import (
+    check_counts_layer,
+    validate_reference,
+    warn_on_sparse_types_genes_and_cells,
+)
 from hpvade.model._adaptation import adapt_signature
 from hpvade.module import HPVADEModule
 from hpvade.module._hpvade import bulk_reconstruction_error
@@ -526,8 +530,10 @@ class HPVADE(BaseModelClass):
             pseudobulks and S are built from counts.
         """
         setup_method_args = cls._get_setup_method_args(**locals())
-        get_label_codes(adata, labels_key)
-        validate_reference(adata, layer, counts_layer)
+        codes, categories = get_label_codes(adata, labels_key)
+        gene_totals, cell_totals = validate_reference(adata, layer)
+        check_counts_layer(adata, counts_layer)
+        warn_on_sparse_types_genes_and_cells(adata, codes, categories, gene_totals, cell_totals)
         anndata_fields = [
             LayerField(REGISTRY_KEYS.X_KEY, layer, is_count_data=False),
             CategoricalObsField(REGISTRY_KEYS.LABELS_KEY, labels_key),

@@ -1,0 +1,155 @@
+"""Bad input gets a clear error (type and message), and user data is left as it was."""
+
+import warnings
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import pytest
+import scipy.sparse as sp
+
+import hpvade
+
+from .conftest import make_reference
+
+
+def _setup(adata, **kwargs):
+    hpvade.HPVADE.setup_anndata(adata, labels_key="cell_type", **kwargs)
+
+
+def test_duplicate_gene_and_cell_names_are_refused():
+    adata = make_reference()
+    adata.var_names = ["gene0"] + list(adata.var_names[1:-1]) + ["gene0"]
+    with pytest.raises(ValueError, match=r"var_names are not unique.*var_names_make_unique"):
+        _setup(adata)
+    adata = make_reference()
+    adata.obs_names = ["cell0"] * 2 + list(adata.obs_names[2:])
+    with pytest.raises(ValueError, match=r"obs_names are not unique.*obs_names_make_unique"):
+        _setup(adata)
+
+
+def test_missing_nan_empty_and_single_type_labels_are_refused():
+    adata = make_reference()
+    with pytest.raises(KeyError, match="labels_key 'nope' is not a column"):
+        hpvade.HPVADE.setup_anndata(adata, labels_key="nope")
+    nan = make_reference()
+    nan.obs["cell_type"] = nan.obs["cell_type"].cat.add_categories(["x"])
+    nan.obs.loc[nan.obs_names[5], "cell_type"] = np.nan
+    with pytest.raises(ValueError, match=r"1 cells have a missing label.*notna"):
+        _setup(nan)
+    with pytest.raises(ValueError, match=r"\['x'\].*have no cells.*remove_unused_categories"):
+        _setup(_with_empty_category())
+    one = make_reference(n_types=1)
+    with pytest.raises(ValueError, match="at least two cell types"):
+        _setup(one)
+
+
+def _with_empty_category():
+    adata = make_reference()
+    adata.obs["cell_type"] = adata.obs["cell_type"].cat.add_categories(["x"])
+    return adata
+
+
+def test_bad_values_in_x_are_refused_or_warned():
+    neg = make_reference(sparse=False)
+    neg.X[0, 0] = -1
+    with pytest.raises(ValueError, match="negative values.*log1p-normalised"):
+        _setup(neg)
+    nan = make_reference(sparse=False)
+    nan.X[0, 0] = np.nan
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        _setup(nan)
+    counts = make_reference()
+    counts.X = counts.layers["counts"].copy()
+    with pytest.warns(UserWarning, match="looks like raw counts.*counts_layer='counts'"):
+        _setup(counts)
+    not_logged = make_reference(sparse=False)
+    not_logged.X = np.expm1(not_logged.X)
+    with pytest.warns(UserWarning, match="normalised but not log-transformed.*log1p"):
+        _setup(not_logged)
+
+
+def test_single_cell_types_zero_genes_and_zero_cells_warn():
+    adata = make_reference(sparse=False)
+    adata.obs["cell_type"] = adata.obs["cell_type"].cat.add_categories(["lonely"])
+    adata.obs.loc[adata.obs_names[10], "cell_type"] = "lonely"
+    adata.X[:, 3] = 0
+    adata.X[20] = 0
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _setup(adata)
+    messages = " | ".join(str(w.message) for w in caught)
+    assert "['lonely'] have a single reference cell" in messages
+    assert "1 of 60 genes are zero in every reference cell" in messages
+    assert "1 reference cells have zero counts" in messages
+
+
+@pytest.mark.parametrize("kind", ["int", "float16", "csr", "csc", "dense"])
+def test_bulk_matrix_types_give_the_same_proportions(trained, test_bulk, kind):
+    # integer counts at 50,000 reads a sample, within float16's range (max 65,504)
+    counts = np.round(np.asarray(test_bulk.X, dtype=np.float64) * 0.05)
+    expected = trained.get_proportions(ad.AnnData(counts.astype(np.float64), var=test_bulk.var))
+    x = {
+        "int": counts.astype(np.int64),
+        "float16": counts.astype(np.float16),
+        "csr": sp.csr_matrix(counts),
+        "csc": sp.csc_matrix(counts),
+        "dense": counts.astype(np.float32),
+    }[kind]
+    got = trained.get_proportions(ad.AnnData(x, var=test_bulk.var))
+    atol = 2e-3 if kind == "float16" else 1e-5  # float16 rounds counts above 2,048
+    np.testing.assert_allclose(got.to_numpy(), expected.to_numpy(), atol=atol)
+
+
+def test_bad_bulks_are_refused(trained, test_bulk):
+    cases = {
+        "NaN or infinite": lambda x: x.__setitem__((0, 0), np.nan),
+        "negative values": lambda x: x.__setitem__((0, 0), -5.0),
+        "1 bulk samples have no counts": lambda x: x.__setitem__(0, 0.0),
+    }
+    for message, corrupt in cases.items():
+        x = np.asarray(test_bulk.X, dtype=np.float64).copy()
+        corrupt(x)
+        with pytest.raises(ValueError, match=message):
+            trained.get_proportions(ad.AnnData(x, var=test_bulk.var))
+    dup = ad.AnnData(np.asarray(test_bulk.X), var=pd.DataFrame(index=test_bulk.var_names))
+    dup.var_names = [dup.var_names[1]] + list(dup.var_names[1:])
+    with pytest.raises(ValueError, match="Bulk var_names are not unique"):
+        trained.get_proportions(dup)
+
+
+def test_public_calls_change_only_documented_keys(pbmc_split, trained, test_bulk):
+    ref = pbmc_split[0].copy()
+    before = ref.copy()
+    hpvade.pp.build_signature(ref, "bulk_labels")
+    hpvade.pp.simulate_pseudobulk(ref, "bulk_labels", n_samples=5)
+    assert _same(ref, before)
+
+    bulk = test_bulk.copy()
+    snapshot = bulk.copy()
+    trained.get_proportions(bulk)
+    assert set(bulk.obsm) - set(snapshot.obsm) == {"hpvade_proportions"}
+    assert set(bulk.obs.columns) - set(snapshot.obs.columns) == {"hpvade_fit_score"}
+    del bulk.obsm["hpvade_proportions"]
+    bulk.obs = bulk.obs.drop(columns="hpvade_fit_score")
+    assert _same(bulk, snapshot)
+
+    registered = pbmc_split[0].copy()
+    snapshot = registered.copy()
+    hpvade.HPVADE.setup_anndata(registered, labels_key="bulk_labels")
+    new_obs = set(registered.obs.columns) - set(snapshot.obs.columns)
+    assert new_obs <= {"_scvi_labels"}  # scvi-tools' registry column
+    np.testing.assert_array_equal(registered.X.toarray(), snapshot.X.toarray())
+
+
+def _same(a, b) -> bool:
+    x_a = a.X.toarray() if sp.issparse(a.X) else np.asarray(a.X)
+    x_b = b.X.toarray() if sp.issparse(b.X) else np.asarray(b.X)
+    return (
+        np.array_equal(x_a, x_b)
+        and a.obs.equals(b.obs)
+        and a.var.equals(b.var)
+        and set(a.obsm) == set(b.obsm)
+        and set(a.layers) == set(b.layers)
+        and set(a.uns) == set(b.uns)
+    )
