@@ -153,3 +153,32 @@ def _same(a, b) -> bool:
         and set(a.layers) == set(b.layers)
         and set(a.uns) == set(b.uns)
     )
+
+
+def test_views_are_refused_with_the_fix(trained, test_bulk):
+    view = make_reference()[:150]
+    with pytest.raises(ValueError, match=r"a view cannot hold.*\.copy\(\)"):
+        _setup(view)
+    with pytest.raises(ValueError, match=r"`bulk` is a view.*\.copy\(\)"):
+        trained.get_proportions(test_bulk[:10])
+
+
+def test_load_with_other_genes_or_labels_is_refused(tmp_path):
+    adata = make_reference()
+    _setup(adata)
+    model = hpvade.HPVADE(adata, n_hidden=8, n_latent=2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model.train(max_epochs=1, n_pseudobulk=32, enable_progress_bar=False)
+    model.save(tmp_path / "m")
+    fewer = make_reference()[:, :50].copy()
+    with pytest.raises(ValueError, match=r"genes differ.*10 missing.*align it first"):
+        hpvade.HPVADE.load(tmp_path / "m", adata=fewer)
+    relabelled = make_reference()
+    relabelled.obs["cell_type"] = relabelled.obs["cell_type"].cat.rename_categories(
+        {"type0": "other"}
+    )
+    with pytest.raises(ValueError, match=r"does not know: \['other'\]"):
+        hpvade.HPVADE.load(tmp_path / "m", adata=relabelled)
+    loaded = hpvade.HPVADE.load(tmp_path / "m", adata=make_reference())
+    assert list(loaded.cell_types) == ["type0", "type1", "type2"]

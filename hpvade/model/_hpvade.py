@@ -200,6 +200,11 @@ class HPVADE(BaseModelClass):
         reference), is written to ``bulk.obs["hpvade_fit_score"]``.
         """
         self._check_if_trained(warn=False, message=_NOT_TRAINED)
+        if bulk.is_view:
+            raise ValueError(
+                "`bulk` is a view of another AnnData; results are written to its obsm and obs. "
+                "Pass a copy: `bulk = bulk[mask].copy()`."
+            )
         cpm = bulk_to_cpm(bulk, self.var_names, layer)
         proportions = self._deconvolve(cpm, batch_size, refine_steps)
         result = pd.DataFrame(proportions, index=bulk.obs_names.copy(), columns=self.cell_types)
@@ -505,6 +510,25 @@ class HPVADE(BaseModelClass):
         finally:
             self.scale_check_ = plan.scale_check
 
+    @classmethod
+    def load(cls, dir_path: str, adata: AnnData | None = None, **kwargs):
+        """Load a saved model; with ``adata``, first check it has the model's genes and labels.
+
+        Parameters
+        ----------
+        dir_path
+            Folder written by :meth:`save`.
+        adata
+            The reference the model was trained on (same genes in the same order, and no cell
+            type the model does not know). ``None`` loads without data.
+        **kwargs
+            Passed to :meth:`scvi.model.base.BaseModelClass.load`.
+        """
+        if adata is not None:
+            registry = cls.load_registry(dir_path, prefix=kwargs.get("prefix"))
+            _check_matches_registry(adata, registry)
+        return super().load(dir_path, adata=adata, **kwargs)
+
     # -------------------------------------------------------------------------------- setup
     @classmethod
     @setup_anndata_dsp.dedent
@@ -530,6 +554,11 @@ class HPVADE(BaseModelClass):
             pseudobulks and S are built from counts.
         """
         setup_method_args = cls._get_setup_method_args(**locals())
+        if adata.is_view:
+            raise ValueError(
+                "setup_anndata registers fields on the AnnData, which a view cannot hold. Pass a "
+                "copy: `ref = ref[mask].copy()`."
+            )
         codes, categories = get_label_codes(adata, labels_key)
         gene_totals, cell_totals = validate_reference(adata, layer)
         check_counts_layer(adata, counts_layer)
@@ -543,3 +572,33 @@ class HPVADE(BaseModelClass):
         adata_manager = AnnDataManager(fields=anndata_fields, setup_method_args=setup_method_args)
         adata_manager.register_fields(adata, **kwargs)
         cls.register_manager(adata_manager)
+
+
+def _check_matches_registry(adata: AnnData, registry: dict) -> None:
+    """Refuse an AnnData whose genes or labels differ from those a model was saved with."""
+    fields = registry["field_registries"]
+    genes = pd.Index(np.asarray(fields[REGISTRY_KEYS.X_KEY]["state_registry"]["column_names"]))
+    if not adata.var_names.equals(genes):
+        missing = genes.difference(adata.var_names)
+        extra = adata.var_names.difference(genes)
+        raise ValueError(
+            f"The AnnData's genes differ from the saved model's ({len(genes)} genes): "
+            f"{len(missing)} missing (e.g. {missing[:3].tolist()}), {len(extra)} extra "
+            f"(e.g. {extra[:3].tolist()}){', or in another order' if not len(missing) else ''}. "
+            "Load with the reference the model was trained on, or align it first: "
+            "`adata = adata[:, model_genes].copy()`."
+        )
+    labels_key = registry["setup_args"]["labels_key"]
+    known = set(
+        np.asarray(fields[REGISTRY_KEYS.LABELS_KEY]["state_registry"]["categorical_mapping"])
+    )
+    if labels_key not in adata.obs:
+        raise ValueError(
+            f"The AnnData has no `obs[{labels_key!r}]`, the labels the model was trained with."
+        )
+    unknown = sorted(set(adata.obs[labels_key].astype(str).unique()) - known)
+    if unknown:
+        raise ValueError(
+            f"`obs[{labels_key!r}]` holds cell types the saved model does not know: {unknown} "
+            f"(model types: {sorted(known)}). Load with the reference the model was trained on."
+        )
