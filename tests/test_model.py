@@ -175,3 +175,30 @@ def test_seed_makes_training_reproducible(test_bulk):
         _quiet_train(model, max_epochs=3, n_pseudobulk=64)
         results.append(model.get_signature().to_numpy())
     np.testing.assert_array_equal(results[0], results[1])
+
+
+def test_same_seed_gives_identical_proportions(test_bulk):
+    adata = make_reference()
+    hpvade.HPVADE.setup_anndata(adata, labels_key="cell_type")
+    bulk = hpvade.pp.simulate_pseudobulk(adata, "cell_type", n_samples=10, seed=3)
+    results = []
+    for _ in range(2):
+        scvi.settings.seed = 11
+        model = hpvade.HPVADE(adata, n_hidden=16, n_latent=4)
+        _quiet_train(model, max_epochs=3, n_pseudobulk=64)
+        results.append(model.get_proportions(bulk.copy()).to_numpy())
+    np.testing.assert_array_equal(results[0], results[1])
+
+
+def test_interrupted_run_saves_and_loads(tmp_path):
+    adata = make_reference()
+    hpvade.HPVADE.setup_anndata(adata, labels_key="cell_type")
+    model = hpvade.HPVADE(adata, n_hidden=16, n_latent=4)
+    with torch.no_grad():
+        model.module.signature_logits[0, 0] = float("nan")
+    with pytest.raises(NonFiniteLossError):
+        _quiet_train(model, max_epochs=2, n_pseudobulk=64)
+    model.save(tmp_path / "interrupted")
+    loaded = hpvade.HPVADE.load(tmp_path / "interrupted", adata=adata)
+    assert not loaded.is_trained
+    assert loaded.get_signature().shape == (adata.n_vars, 3)
