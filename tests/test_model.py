@@ -202,3 +202,11 @@ def test_interrupted_run_saves_and_loads(tmp_path):
     loaded = hpvade.HPVADE.load(tmp_path / "interrupted", adata=adata)
     assert not loaded.is_trained
     assert loaded.get_signature().shape == (adata.n_vars, 3)
+
+
+def test_absurd_learning_rate_stops_with_a_named_term():
+    adata = make_reference()
+    hpvade.HPVADE.setup_anndata(adata, labels_key="cell_type")
+    model = hpvade.HPVADE(adata, n_hidden=16, n_latent=4)
+    with pytest.raises(NonFiniteLossError, match=r"Non-finite \w+ .* step \d+.*learning rate"):
+        _quiet_train(model, max_epochs=30, n_pseudobulk=64, plan_kwargs={"lr": 1e3})

@@ -134,12 +134,26 @@ def test_public_calls_change_only_documented_keys(pbmc_split, trained, test_bulk
     bulk.obs = bulk.obs.drop(columns="hpvade_fit_score")
     assert _same(bulk, snapshot)
 
+    adapted = hpvade.HPVADE.load(_saved(trained), adata=trained.adata)
+    bulk = test_bulk[:20].copy()
+    snapshot = bulk.copy()
+    adapted.adapt(bulk, n_rounds=3)
+    assert _same(bulk, snapshot)
+
     registered = pbmc_split[0].copy()
     snapshot = registered.copy()
     hpvade.HPVADE.setup_anndata(registered, labels_key="bulk_labels")
     new_obs = set(registered.obs.columns) - set(snapshot.obs.columns)
     assert new_obs <= {"_scvi_labels"}  # scvi-tools' registry column
     np.testing.assert_array_equal(registered.X.toarray(), snapshot.X.toarray())
+
+
+def _saved(model):
+    import tempfile
+
+    path = tempfile.mkdtemp()
+    model.save(path, overwrite=True)
+    return path
 
 
 def _same(a, b) -> bool:
