@@ -147,6 +147,15 @@ def test_public_calls_change_only_documented_keys(pbmc_split, trained, test_bulk
     assert new_obs <= {"_scvi_labels"}  # scvi-tools' registry column
     np.testing.assert_array_equal(registered.X.toarray(), snapshot.X.toarray())
 
+    after_setup = registered.copy()
+    model = hpvade.HPVADE(registered, n_hidden=16, n_latent=4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model.train(max_epochs=2, n_pseudobulk=32, enable_progress_bar=False)
+    model.get_latent_representation()
+    model.get_signature()
+    assert _same(registered, after_setup)
+
 
 def _saved(model):
     import tempfile
@@ -196,3 +205,22 @@ def test_load_with_other_genes_or_labels_is_refused(tmp_path):
         hpvade.HPVADE.load(tmp_path / "m", adata=relabelled)
     loaded = hpvade.HPVADE.load(tmp_path / "m", adata=make_reference())
     assert list(loaded.cell_types) == ["type0", "type1", "type2"]
+
+
+@pytest.mark.parametrize("function", ["build_signature", "simulate_pseudobulk"])
+def test_pp_functions_validate_their_input(function):
+    call = getattr(hpvade.pp, function)
+    bad = make_reference(sparse=False)
+    bad.X[1, 1] = np.inf
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        call(bad, "cell_type")
+    bad_counts = make_reference(sparse=False)
+    bad_counts.layers["counts"][0, 0] = -1
+    with pytest.raises(ValueError, match=r"layers\['counts'\].*non-negative"):
+        call(bad_counts, "cell_type", layer="counts", counts=True)
+    with pytest.raises(KeyError, match="labels_key 'cell' is not a column"):
+        call(make_reference(), "cell")
+    dup = make_reference()
+    dup.var_names = ["g"] * dup.n_vars
+    with pytest.raises(ValueError, match="var_names are not unique"):
+        call(dup, "cell_type")

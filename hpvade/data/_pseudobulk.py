@@ -13,6 +13,7 @@ from anndata import AnnData
 from hpvade._constants import CPM_SCALE, PSEUDOBULK_PROPORTIONS_KEY
 from hpvade.data._labels import get_label_codes
 from hpvade.data._matrix import DEFAULT_CHUNK_SIZE, iter_row_chunks, to_linear
+from hpvade.data._validation import validate_input
 
 logger = logging.getLogger(__name__)
 
@@ -139,6 +140,7 @@ def simulate_pseudobulk(
     if not alpha > 0:
         raise ValueError(f"`alpha` must be positive, got {alpha}.")
     codes, categories = get_label_codes(adata, labels_key)
+    validate_input(adata, layer, counts)
     rng = np.random.default_rng(seed)
     cell_counts, fractions = sample_cell_counts(
         codes, len(categories), n_samples, cells_per_sample, alpha, rng

@@ -12,6 +12,7 @@ from anndata import AnnData
 from hpvade._constants import CPM_SCALE
 from hpvade.data._labels import get_label_codes, indicator_matrix
 from hpvade.data._matrix import DEFAULT_CHUNK_SIZE, iter_row_chunks, to_linear
+from hpvade.data._validation import validate_input
 
 logger = logging.getLogger(__name__)
 
@@ -107,6 +108,7 @@ def build_signature(
     >>> S.sum(axis=0)  # 1e6 for every type
     """
     codes, categories = get_label_codes(adata, labels_key)
+    validate_input(adata, layer, counts)
     aggregate = aggregate_by_type(
         adata, codes, len(categories), layer, log1p=not counts, chunk_size=chunk_size
     )

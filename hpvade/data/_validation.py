@@ -109,11 +109,23 @@ def validate_reference(adata: AnnData, layer: str | None) -> tuple[np.ndarray, n
 
 
 def check_counts_layer(adata: AnnData, counts_layer: str | None) -> None:
-    """Refuse a count layer with negative or non-finite values."""
+    """Refuse a count layer with negative or non-finite values (no-op without one)."""
     if counts_layer is not None:
-        for _, _, block in iter_row_chunks(adata, counts_layer):
-            values = _values(block)
-            if values.size and (not np.all(np.isfinite(values)) or values.min() < 0):
-                raise ValueError(
-                    f"`adata.layers[{counts_layer!r}]` must hold non-negative raw counts."
-                )
+        _check_counts(adata, counts_layer)
+
+
+def _check_counts(adata: AnnData, layer: str | None) -> None:
+    where = f"`adata.layers[{layer!r}]`" if layer else "`adata.X`"
+    for _, _, block in iter_row_chunks(adata, layer):
+        values = _values(block)
+        if values.size and (not np.all(np.isfinite(values)) or values.min() < 0):
+            raise ValueError(f"{where} must hold non-negative, finite raw counts.")
+
+
+def validate_input(adata: AnnData, layer: str | None, counts: bool) -> None:
+    """Boundary checks shared by the ``pp`` functions: names, then values for the data kind."""
+    if counts:
+        validate_names(adata)
+        _check_counts(adata, layer)
+    else:
+        validate_reference(adata, layer)

@@ -552,6 +552,16 @@ class HPVADE(BaseModelClass):
         counts_layer
             Optional layer with raw counts. When given, the VAE reconstructs counts and
             pseudobulks and S are built from counts.
+
+        Notes
+        -----
+        Refused with a ``ValueError`` that names the fix: a missing labels column (``KeyError``),
+        missing labels, empty categories, fewer than two types, duplicated ``var_names`` or
+        ``obs_names``, negative or non-finite values, and AnnData views. Warned about (training
+        still works): integer-valued ``X`` (raw counts where log1p values are expected: the
+        warning explains how to normalise and keep the counts in ``counts_layer``), ``X`` above
+        log1p range (normalised but not log-transformed), cell types with a single cell, genes
+        that are zero in every cell and cells with zero counts.
         """
         setup_method_args = cls._get_setup_method_args(**locals())
         if adata.is_view:
