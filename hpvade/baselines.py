@@ -57,11 +57,14 @@ def adaptive_nnls_proportions(
     S = np.asarray(signature, dtype=float).copy()
     weights = 1.0 / np.sqrt(bulk.mean(axis=0) + 1.0)
     weighted_bulk = bulk * weights
-    P = None
+
+    def proportions_given(S: np.ndarray) -> np.ndarray:
+        return np.stack([nnls(S * weights[:, None], sample)[0] for sample in weighted_bulk])
+
     for _ in range(n_rounds):
-        P = np.stack([nnls(S * weights[:, None], sample)[0] for sample in weighted_bulk])
+        P = proportions_given(S)
         S = np.stack([nnls(P, bulk[:, g])[0] for g in range(bulk.shape[1])])
-    P = np.stack([nnls(S * weights[:, None], sample)[0] for sample in weighted_bulk])
+    P = proportions_given(S)
     totals = P.sum(axis=1, keepdims=True)
     P = np.divide(P, totals, out=np.full_like(P, 1 / P.shape[1]), where=totals > 0)
     return P, S

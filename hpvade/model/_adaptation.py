@@ -3,7 +3,7 @@
 Alternates two exact steps on the user's bulks: proportions given S (per-sample refinement of
 the model's bulk-reconstruction loss) and S given proportions (per-gene ridge regression towards
 the single-cell signature, with a per-type strength that grows with the type's reference cells).
-Held-out samples decide when to stop and whether adapting helps at all.
+Rounds stop when S converges; held-out samples decide whether adapting helps at all.
 """
 
 from __future__ import annotations
@@ -113,7 +113,7 @@ def adapt_signature(
         return float(bulk_reconstruction_error(bulk_t[val], P_val, S_t).mean())
 
     errors = [held_out_error(S)]
-    rounds = 0
+    rounds = last_checked = 0
     for k in range(1, n_rounds + 1):
         rounds = k
         previous = S
@@ -127,10 +127,11 @@ def adapt_signature(
         change = np.abs(S - previous).sum() / max(np.abs(previous).sum(), 1e-30)
         if validation_every and (k % validation_every == 0 or change < tolerance):
             errors.append(held_out_error(S))
+            last_checked = k
         logger.debug("adapt round %d: relative change of S %.3g", k, change)
         if change < tolerance:
             break
-    final_error = held_out_error(S) if n_val else float("nan")
+    final_error = errors[-1] if last_checked == rounds else held_out_error(S)
     if n_val and final_error > errors[0]:
         logger.warning(
             "Adaptation did not explain held-out samples better (%.4g > %.4g): S is unchanged.",

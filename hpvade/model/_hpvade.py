@@ -263,7 +263,7 @@ class HPVADE(BaseModelClass):
             Strength of the pull towards the single-cell signature for a type with the mean
             number of reference cells (in units of samples' worth of evidence).
         validation_fraction
-            Share of samples held out to decide when to stop (none below 6 samples).
+            Share of samples held out to check that adapting helps (none below 6 samples).
         tolerance
             Stop once S changes by less than this (relative L1) between rounds.
         refine_steps

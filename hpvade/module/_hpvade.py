@@ -115,9 +115,8 @@ class HPVADEModule(BaseModuleClass):
 
         if signature is None:
             signature = np.full((n_input, n_labels), CPM_SCALE / n_input)
-        signature = np.asarray(signature, dtype=np.float64) + signature_pseudocount
         # S = 1e6 * softmax(logits over genes): non-negative, every column sums to 1e6.
-        logits = torch.as_tensor(np.log(signature), dtype=torch.float32)
+        logits = self._signature_to_logits(signature)
         self.signature_logits = nn.Parameter(logits, requires_grad=learn_signature)
         self.use_vae = use_vae
 
@@ -126,11 +125,14 @@ class HPVADEModule(BaseModuleClass):
         """The current signature S (genes × types, CPM)."""
         return CPM_SCALE * torch.softmax(self.signature_logits, dim=0)
 
+    def _signature_to_logits(self, signature: np.ndarray) -> torch.Tensor:
+        values = np.asarray(signature, dtype=np.float64) + self.signature_pseudocount
+        return torch.as_tensor(np.log(values), dtype=torch.float32)
+
     @torch.no_grad()
     def set_signature(self, signature: np.ndarray) -> None:
         """Set S (genes × types, linear); columns are rescaled to 1e6 by the parametrisation."""
-        values = np.asarray(signature, dtype=np.float64) + self.signature_pseudocount
-        self.signature_logits.copy_(torch.as_tensor(np.log(values), dtype=torch.float32))
+        self.signature_logits.copy_(self._signature_to_logits(signature))
 
     def set_bulk_standardization(self, cpm: torch.Tensor) -> None:
         """Fit the network's input standardisation on (pseudo)bulk CPM."""
