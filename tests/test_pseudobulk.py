@@ -51,3 +51,27 @@ def test_counts_layer_and_dense_input():
         adata_sparse, "cell_type", n_samples=6, layer="counts", counts=True, seed=0
     )
     np.testing.assert_allclose(pb.X, pb2.X, rtol=1e-5)
+
+
+def test_mixing_kernel_equals_sparse_product_in_every_chunking():
+    """The compiled kernel and chunked CSR views give exactly scipy's counts @ X."""
+    from hpvade.data._kernels import add_sampled_rows
+    from hpvade.data._matrix import csr_row_view
+
+    rng = np.random.default_rng(0)
+    X = sp.random(300, 50, density=0.1, format="csr", dtype=np.float32, random_state=1)
+    counts = sp.csr_matrix(
+        (
+            rng.integers(1, 3, 900).astype(float),
+            (rng.integers(0, 20, 900), rng.integers(0, 300, 900)),
+        ),
+        shape=(20, 300),
+    )
+    expected = (counts @ X.astype(np.float64)).toarray()
+    for chunk in (300, 64, 1):
+        out = np.zeros((20, 50))
+        csc = counts.tocsc()
+        for start in range(0, 300, chunk):
+            stop = min(start + chunk, 300)
+            add_sampled_rows(out, csc[:, start:stop].tocsr(), csr_row_view(X, start, stop))
+        np.testing.assert_allclose(out, expected, rtol=1e-6)

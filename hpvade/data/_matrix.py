@@ -42,6 +42,9 @@ def iter_row_chunks(
         matrix = matrix.tocsr()
     for start in range(0, n, chunk_size):
         stop = min(start + chunk_size, n)
+        if isinstance(matrix, sp.csr_matrix | sp.csr_array):
+            yield start, stop, csr_row_view(matrix, start, stop)
+            continue
         block = matrix[start:stop]
         if sp.issparse(block):
             block = sp.csr_matrix(block)
@@ -51,12 +54,30 @@ def iter_row_chunks(
         yield start, stop, block
 
 
+def csr_row_view(matrix: sp.csr_matrix, start: int, stop: int) -> sp.csr_matrix:
+    """Rows ``start:stop`` of a CSR matrix sharing its data and indices (scipy's slice copies)."""
+    lo, hi = matrix.indptr[start], matrix.indptr[stop]
+    return sp.csr_matrix(
+        (matrix.data[lo:hi], matrix.indices[lo:hi], matrix.indptr[start : stop + 1] - lo),
+        shape=(stop - start, matrix.shape[1]),
+        copy=False,
+    )
+
+
+def _float_dtype(dtype) -> np.dtype:
+    return dtype if np.issubdtype(dtype, np.floating) else np.dtype(np.float64)
+
+
 def to_linear(block, log1p: bool):
-    """Undo ``log1p`` (sparse-preserving, since expm1(0) = 0) or return linear data as float."""
+    """Undo ``log1p`` (sparse-preserving, since expm1(0) = 0) or return linear data as float.
+
+    Sparse blocks get new values but share the input's index arrays; float32 stays float32
+    (sums are accumulated in float64 by the callers).
+    """
     if sp.issparse(block):
-        block = block.astype(np.float64) if block.dtype != np.float64 else block.copy()
-        if log1p:
-            np.expm1(block.data, out=block.data)
-        return block
-    block = np.asarray(block, dtype=np.float64)
+        dtype = _float_dtype(block.dtype)
+        data = np.expm1(block.data, dtype=dtype) if log1p else block.data.astype(dtype, copy=False)
+        return sp.csr_matrix((data, block.indices, block.indptr), shape=block.shape, copy=False)
+    block = np.asarray(block)
+    block = block.astype(_float_dtype(block.dtype), copy=False)
     return np.expm1(block) if log1p else block

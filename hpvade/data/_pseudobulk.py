@@ -11,6 +11,7 @@ import scipy.sparse as sp
 from anndata import AnnData
 
 from hpvade._constants import CPM_SCALE, PSEUDOBULK_PROPORTIONS_KEY
+from hpvade.data._kernels import add_sampled_rows
 from hpvade.data._labels import get_label_codes
 from hpvade.data._matrix import DEFAULT_CHUNK_SIZE, iter_row_chunks, to_linear
 from hpvade.data._validation import validate_input
@@ -67,15 +68,23 @@ def mix_cells(
     log1p: bool,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
 ) -> np.ndarray:
-    """Sum the sampled cells' linear expression: ``counts @ linear(X)``, chunked over cells."""
+    """Sum the sampled cells' linear expression: ``counts @ linear(X)``, chunked over cells.
+
+    Each chunk's linear values are computed once; sparse chunks are summed into the dense
+    result by a compiled kernel (see ``_kernels``), dense ones by a sparse × dense product.
+    """
     mixed = np.zeros((counts.shape[0], adata.n_vars))
     counts = counts.tocsc()
     used = np.diff(counts.indptr) > 0
     for start, stop, block in iter_row_chunks(adata, layer, chunk_size):
         if not used[start:stop].any():
             continue
-        part = counts[:, start:stop] @ to_linear(block, log1p)
-        mixed += part.toarray() if sp.issparse(part) else part
+        linear = to_linear(block, log1p)
+        drawn = counts[:, start:stop].tocsr()
+        if sp.issparse(linear):
+            add_sampled_rows(mixed, drawn, linear)
+        else:
+            mixed += drawn @ linear
     return mixed
 
 

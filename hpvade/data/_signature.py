@@ -34,9 +34,8 @@ def aggregate_by_type(
     each chunk's linear-scale copy is ever held.
     """
     total = np.zeros((n_types, adata.n_vars))
-    indicator = indicator_matrix(codes, n_types).tocsc()
     for start, stop, block in iter_row_chunks(adata, layer, chunk_size):
-        part = indicator[:, start:stop] @ to_linear(block, log1p)
+        part = indicator_matrix(codes[start:stop], n_types) @ to_linear(block, log1p)
         total += part.toarray() if hasattr(part, "toarray") else part
     return total
 
