@@ -18,10 +18,9 @@ LOG_SCALE_MAX = 50.0
 
 def looks_log_transformed(values: np.ndarray) -> bool:
     """True for non-integer data whose maximum is below what linear expression reaches."""
-    if values.size == 0:
+    if values.size == 0 or float(values.max()) >= LOG_SCALE_MAX:
         return False
-    non_integer = not np.allclose(values, np.round(values))
-    return non_integer and float(values.max()) < LOG_SCALE_MAX
+    return not np.allclose(values, np.round(values))
 
 
 def bulk_to_cpm(bulk: AnnData, genes: pd.Index, layer: str | None = None) -> np.ndarray:
@@ -52,9 +51,10 @@ def bulk_to_cpm(bulk: AnnData, genes: pd.Index, layer: str | None = None) -> np.
         )
     columns = bulk.var_names.get_indexer(genes)
     matrix = get_matrix(bulk, layer)
-    values = matrix[:, columns]
-    values = values.toarray() if sp.issparse(values) else np.asarray(values)
-    values = values.astype(np.float64)
+    if not np.array_equal(columns, np.arange(bulk.n_vars)):
+        matrix = matrix[:, columns]
+    values = matrix.toarray() if sp.issparse(matrix) else np.asarray(matrix)
+    values = values.astype(np.float64)  # always a copy: the user's data is never modified
     where = f"`bulk.layers[{layer!r}]`" if layer else "`bulk.X`"
     if not np.all(np.isfinite(values)):
         raise ValueError(f"{where} contains NaN or infinite values; remove or impute them.")

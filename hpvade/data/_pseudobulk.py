@@ -96,7 +96,7 @@ def cpm_rows(matrix: np.ndarray) -> np.ndarray:
             f"{int((totals <= 0).sum())} samples have zero total expression and cannot be "
             "CPM-normalised. Remove all-zero samples."
         )
-    return matrix / totals * CPM_SCALE
+    return matrix / (totals / CPM_SCALE)
 
 
 def simulate_pseudobulk(

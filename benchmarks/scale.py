@@ -1,0 +1,279 @@
+"""Scale benchmark: hpvade's hot paths on synthetic sparse references of 10k, 100k and 1M cells.
+
+For each size it times (and tracks the peak extra resident memory of) ``build_signature``,
+``simulate_pseudobulk`` of 10,000 samples × 500 cells, one training epoch and
+``get_proportions`` on 10,000 bulk samples; in the same run it times the straightforward
+versions a first prototype would write (a Python loop over types on a dense copy; a loop over
+samples with ``np.random.choice`` and a dense row sum) where they fit in memory, and one epoch of
+``scvi.model.SCVI`` on the same cells. Writes ``results/scale.md``.
+
+Run ``.venv/bin/python benchmarks/scale.py`` (about 15 minutes on 2 cores; ``--sizes 10000``
+for a quick look).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import platform
+import threading
+import time
+import warnings
+from pathlib import Path
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+import scvi
+import torch
+
+import hpvade
+
+HERE = Path(__file__).resolve().parent
+LABELS = "cell_type"
+N_GENES, N_TYPES = 5_000, 20
+N_BULK, CELLS_PER_BULK = 10_000, 500
+#: Largest reference the straightforward versions get (their dense copy is cells × 5k float32).
+NAIVE_MAX_CELLS = 100_000
+SIGNATURE, NAIVE_SIGNATURE = "build_signature", "naive signature (dense, loop over types)"
+SIMULATE = f"simulate_pseudobulk {N_BULK:,} x {CELLS_PER_BULK}"
+NAIVE_SIMULATE = f"naive pseudobulk (loop over {N_BULK:,} samples)"
+EPOCH, SCVI_EPOCH = "hpvade train, 1 epoch", "scvi.model.SCVI train, 1 epoch"
+PROPORTIONS = f"get_proportions on {N_BULK:,} bulks"
+
+
+# ---------------------------------------------------------------------------------- the data
+def synthetic_reference(n_cells: int, seed: int = 0, reads_per_cell: float = 350.0) -> ad.AnnData:
+    """Sparse reference: 20 types with distinct gamma-distributed mean profiles over 5,000 genes.
+
+    Each cell's library size is negative binomial (gamma-Poisson, shape 4, mean
+    ``reads_per_cell``); its reads are multinomial over its type's profile, so counts are
+    Poisson given the library and about 5 % of entries are non-zero. Raw counts go to
+    ``layers["counts"]``; X holds ``normalize_total(target_sum=1e4)`` + ``log1p``, computed on
+    the sparse values directly. Built in chunks of 100k cells, never dense.
+    """
+    rng = np.random.default_rng(seed)
+    base = rng.gamma(0.3, 1.0, N_GENES)
+    profiles = base[None] * rng.lognormal(0.0, 1.0, (N_TYPES, N_GENES))
+    cumulative = np.cumsum(profiles / profiles.sum(1, keepdims=True), axis=1)
+    types = rng.integers(0, N_TYPES, n_cells)
+    counts_blocks = []
+    for start in range(0, n_cells, 100_000):
+        chunk_types = types[start : start + 100_000]
+        library = rng.poisson(rng.gamma(4.0, reads_per_cell / 4.0, chunk_types.size))
+        cell_of_read = np.repeat(np.arange(chunk_types.size), library)
+        type_of_read = chunk_types[cell_of_read]
+        uniform = rng.random(cell_of_read.size)
+        gene_of_read = np.empty(cell_of_read.size, np.int64)
+        for t in range(N_TYPES):  # a loop over types, not over cells
+            reads = type_of_read == t
+            gene_of_read[reads] = np.searchsorted(cumulative[t], uniform[reads])
+        np.minimum(gene_of_read, N_GENES - 1, out=gene_of_read)
+        block = sp.csr_matrix(
+            (np.ones(cell_of_read.size, np.float32), (cell_of_read, gene_of_read)),
+            shape=(chunk_types.size, N_GENES),
+        )
+        block.sum_duplicates()
+        counts_blocks.append(block)
+    counts = sp.vstack(counts_blocks, format="csr")
+    totals = np.asarray(counts.sum(axis=1)).ravel()
+    scale = 1e4 / np.maximum(totals, 1)
+    X = counts.copy()
+    X.data = np.log1p(X.data * np.repeat(scale, np.diff(X.indptr))).astype(np.float32)
+    obs = pd.DataFrame(
+        {LABELS: pd.Categorical([f"type_{t:02d}" for t in types])},
+        index=[f"cell_{i}" for i in range(n_cells)],
+    )
+    var = pd.DataFrame(index=[f"gene_{g}" for g in range(N_GENES)])
+    return ad.AnnData(X=X, obs=obs, var=var, layers={"counts": counts})
+
+
+def csr_bytes(matrix: sp.csr_matrix) -> int:
+    return matrix.data.nbytes + matrix.indices.nbytes + matrix.indptr.nbytes
+
+
+# ----------------------------------------------------------------------------- measurement
+class Measure:
+    """Wall seconds and peak extra resident memory (sampled every 5 ms) of a block."""
+
+    @staticmethod
+    def rss() -> int:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+    def __enter__(self):
+        self._stop = False
+        self.base = self.peak = self.rss()
+
+        def sample():
+            while not self._stop:
+                self.peak = max(self.peak, self.rss())
+                time.sleep(0.005)
+
+        self._thread = threading.Thread(target=sample, daemon=True)
+        self._thread.start()
+        self._start = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc):
+        self.seconds = time.perf_counter() - self._start
+        self._stop = True
+        self._thread.join()
+        self.extra_gb = (max(self.peak, self.rss()) - self.base) / 1e9
+        return False
+
+
+# ------------------------------------------------------------------ straightforward versions
+def naive_signature(adata: ad.AnnData) -> np.ndarray:
+    """A first prototype's signature: dense copy, then a Python loop over types."""
+    dense = np.expm1(adata.X.toarray())
+    codes = adata.obs[LABELS].cat.codes.to_numpy()
+    aggregate = np.stack([dense[codes == t].sum(axis=0) for t in range(N_TYPES)], axis=1)
+    return aggregate / aggregate.sum(axis=0) * 1e6
+
+
+def naive_pseudobulk(adata: ad.AnnData, n_samples: int, seed: int = 0) -> np.ndarray:
+    """A first prototype's simulation: per sample, np.random.choice per type on a dense copy."""
+    rng = np.random.default_rng(seed)
+    dense = np.expm1(adata.X.toarray())
+    codes = adata.obs[LABELS].cat.codes.to_numpy()
+    members = [np.flatnonzero(codes == t) for t in range(N_TYPES)]
+    out = np.zeros((n_samples, adata.n_vars))
+    for i in range(n_samples):
+        numbers = rng.multinomial(CELLS_PER_BULK, rng.dirichlet(np.ones(N_TYPES)))
+        cells = np.concatenate([rng.choice(m, k) for m, k in zip(members, numbers, strict=True)])
+        out[i] = dense[cells].sum(axis=0)
+    return out / out.sum(axis=1, keepdims=True) * 1e6
+
+
+# ------------------------------------------------------------------------------- training
+def one_hpvade_epoch(adata: ad.AnnData) -> hpvade.HPVADE:
+    hpvade.HPVADE.setup_anndata(adata, labels_key=LABELS)
+    model = hpvade.HPVADE(adata)
+    model.train(max_epochs=1, enable_progress_bar=False, early_stopping=False)
+    return model
+
+
+def one_scvi_epoch(adata: ad.AnnData) -> None:
+    scvi.model.SCVI.setup_anndata(adata, layer="counts")
+    model = scvi.model.SCVI(adata)
+    model.train(max_epochs=1, enable_progress_bar=False)
+
+
+def run_size(n_cells: int, epochs: bool) -> list[dict]:
+    rows = []
+
+    def record(step, m, extra=None):
+        row = {"cells": n_cells, "step": step, "seconds": m.seconds, "extra_gb": m.extra_gb}
+        row.update(extra or {})
+        rows.append(row)
+        print(f"{n_cells:>9,} {step:<40} {m.seconds:8.2f} s {m.extra_gb:6.2f} GB", flush=True)
+
+    with Measure() as m:
+        ref = synthetic_reference(n_cells)
+    record("generate reference (not hpvade)", m, {"csr_gb": csr_bytes(ref.X) / 1e9})
+    with Measure() as m:
+        signature = hpvade.pp.build_signature(ref, LABELS)
+    record(SIGNATURE, m)
+    with Measure() as m:
+        bulk = hpvade.pp.simulate_pseudobulk(ref, LABELS, N_BULK, CELLS_PER_BULK, seed=1)
+    record(SIMULATE, m)
+    if n_cells <= NAIVE_MAX_CELLS:
+        with Measure() as m:
+            naive = naive_signature(ref)
+        assert np.allclose(naive, signature.to_numpy(), rtol=1e-4)
+        record(NAIVE_SIGNATURE, m)
+        with Measure() as m:
+            naive_pseudobulk(ref, N_BULK)
+        record(NAIVE_SIMULATE, m)
+    if epochs:
+        train_ref = ref.copy()
+        with Measure() as m:
+            model = one_hpvade_epoch(train_ref)
+        record(EPOCH, m)
+        scvi_ref = ref.copy()
+        with Measure() as m:
+            one_scvi_epoch(scvi_ref)
+        record(SCVI_EPOCH, m)
+        with Measure() as m:
+            model.get_proportions(bulk)
+        record(PROPORTIONS, m)
+    return rows
+
+
+def markdown(table: pd.DataFrame) -> str:
+    """A GitHub table without the optional ``tabulate`` dependency."""
+    cells = [
+        [
+            f"{v:,.2f}" if isinstance(v, float) else f"{v:,}" if isinstance(v, int) else str(v)
+            for v in row
+        ]
+        for row in table.itertuples(index=False)
+    ]
+    lines = ["| " + " | ".join(table.columns) + " |", "|" + "---|" * table.shape[1]]
+    return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in cells])
+
+
+def ratio(table: pd.DataFrame, cells: int, slow: str, fast: str) -> float:
+    sel = table[table.cells == cells].set_index("step").seconds
+    return float(sel[slow] / sel[fast])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", default="10000,100000,1000000")
+    parser.add_argument("--epoch-sizes", default="10000,100000", help="sizes to train on")
+    parser.add_argument("--output", default=str(HERE / "results" / "scale.md"))
+    args = parser.parse_args()
+    sizes = [int(s) for s in args.sizes.split(",")]
+    epoch_sizes = {int(s) for s in args.epoch_sizes.split(",") if s}
+    warnings.filterwarnings("ignore", category=UserWarning)
+    scvi.settings.seed = 0
+    started = time.perf_counter()
+    rows = []
+    for n in sizes:
+        rows += run_size(n, n in epoch_sizes)
+    table = pd.DataFrame(rows)
+
+    lines = [
+        "# Scale benchmark",
+        "",
+        f"Date: {datetime.date.today()}. Python {platform.python_version()}, torch "
+        f"{torch.__version__} ({torch.get_num_threads()} threads), scvi-tools {scvi.__version__}, "
+        f"hpvade {hpvade.__version__}. Machine: {os.cpu_count()} CPU cores, no GPU. "
+        f"Run time {time.perf_counter() - started:.0f} s.",
+        "",
+        "Synthetic references (`synthetic_reference` in `benchmarks/scale.py`): 5,000 genes, 20 "
+        "types, negative-binomial library sizes, ~5 % non-zero, normalize_total + log1p, CSR "
+        "float32. 'extra GB' is the peak resident memory above the level before the step. "
+        "The training epoch is a whole `train(max_epochs=1)` call (setup, pseudobulk pools, "
+        "one pass over the cells, validation) for both models, batch size 128.",
+        "",
+        markdown(table.fillna("")),
+        "",
+        "## Ratios (same run)",
+        "",
+    ]
+    for n in sizes:
+        steps = set(table[table.cells == n].step)
+        if NAIVE_SIGNATURE in steps:
+            lines.append(
+                f"- {n:,} cells: naive / hpvade signature "
+                f"{ratio(table, n, NAIVE_SIGNATURE, SIGNATURE):.1f}x; naive / hpvade pseudobulk "
+                f"{ratio(table, n, NAIVE_SIMULATE, SIMULATE):.1f}x"
+            )
+        if EPOCH in steps:
+            lines.append(
+                f"- {n:,} cells: hpvade epoch / SCVI epoch "
+                f"{ratio(table, n, EPOCH, SCVI_EPOCH):.2f}"
+            )
+    text = "\n".join(lines) + "\n"
+    Path(args.output).parent.mkdir(exist_ok=True)
+    Path(args.output).write_text(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
