@@ -30,6 +30,21 @@ def split_by_type(
     """Split cells into two AnnData, stratified by type (``fraction`` of each type goes first).
 
     Each type keeps at least one cell in each part where it has two or more cells.
+
+    Parameters
+    ----------
+    adata
+        Labelled cells.
+    labels_key
+        Column of ``adata.obs`` with cell-type labels.
+    fraction
+        Share of each type's cells that goes to the first part.
+    seed
+        Seed of the random permutation.
+
+    Returns
+    -------
+    ``(first, second)`` AnnData copies; every cell is in exactly one of them.
     """
     rng = np.random.default_rng(seed)
     codes = adata.obs[labels_key].astype("category").cat.codes.to_numpy()

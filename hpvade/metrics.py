@@ -1,4 +1,8 @@
-"""Accuracy metrics for estimated versus true proportions."""
+"""Accuracy metrics for estimated versus true proportions.
+
+Every function takes ``pred`` and ``true``: samples × types DataFrames (``true`` is aligned to
+``pred``'s index and columns) or arrays of the same shape.
+"""
 
 from __future__ import annotations
 
@@ -23,31 +27,71 @@ def _pearson(x: np.ndarray, y: np.ndarray) -> float:
 
 
 def pearson(pred, true) -> float:
-    """Pearson r over all (sample, type) pairs."""
+    """Pearson r over all (sample, type) pairs.
+
+    Parameters
+    ----------
+    pred
+        Estimated proportions (samples × types).
+    true
+        True proportions, same samples and types.
+    """
     p, t, _ = _aligned(pred, true)
     return _pearson(p.ravel(), t.ravel())
 
 
 def per_type_pearson(pred, true) -> pd.Series:
-    """Pearson r of each cell type across samples (NaN where a type does not vary)."""
+    """Pearson r of each cell type across samples (NaN where a type does not vary).
+
+    Parameters
+    ----------
+    pred
+        Estimated proportions (samples × types).
+    true
+        True proportions, same samples and types.
+    """
     p, t, columns = _aligned(pred, true)
     return pd.Series([_pearson(p[:, j], t[:, j]) for j in range(p.shape[1])], index=columns)
 
 
 def rmse(pred, true) -> float:
-    """Root mean squared error over all (sample, type) pairs."""
+    """Root mean squared error over all (sample, type) pairs.
+
+    Parameters
+    ----------
+    pred
+        Estimated proportions (samples × types).
+    true
+        True proportions, same samples and types.
+    """
     p, t, _ = _aligned(pred, true)
     return float(np.sqrt(np.mean((p - t) ** 2)))
 
 
 def mae(pred, true) -> float:
-    """Mean absolute error over all (sample, type) pairs."""
+    """Mean absolute error over all (sample, type) pairs.
+
+    Parameters
+    ----------
+    pred
+        Estimated proportions (samples × types).
+    true
+        True proportions, same samples and types.
+    """
     p, t, _ = _aligned(pred, true)
     return float(np.mean(np.abs(p - t)))
 
 
 def lin_ccc(pred, true) -> float:
-    """Lin's concordance correlation coefficient over all (sample, type) pairs."""
+    """Lin's concordance correlation coefficient over all (sample, type) pairs.
+
+    Parameters
+    ----------
+    pred
+        Estimated proportions (samples × types).
+    true
+        True proportions, same samples and types.
+    """
     p, t, _ = _aligned(pred, true)
     p, t = p.ravel(), t.ravel()
     cov = np.mean((p - p.mean()) * (t - t.mean()))
@@ -55,7 +99,15 @@ def lin_ccc(pred, true) -> float:
 
 
 def evaluate(pred, true) -> dict[str, float]:
-    """All summary metrics: overall r, mean per-type r, Lin's CCC, RMSE, MAE."""
+    """All summary metrics: overall r, mean per-type r, Lin's CCC, RMSE, MAE.
+
+    Parameters
+    ----------
+    pred
+        Estimated proportions (samples × types).
+    true
+        True proportions, same samples and types.
+    """
     return {
         "r": pearson(pred, true),
         "mean_type_r": float(np.nanmean(per_type_pearson(pred, true).to_numpy())),

@@ -75,4 +75,4 @@ def bulk_to_cpm(bulk: AnnData, genes: pd.Index, layer: str | None = None) -> np.
             f"{zero.size} bulk samples have no counts on the reference genes "
             f"(e.g. {bulk.obs_names[zero[:5]].tolist()}); remove them before deconvolution."
         )
-    return cpm_rows(values)
+    return cpm_rows(values, inplace=True)

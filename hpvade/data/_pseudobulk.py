@@ -88,14 +88,17 @@ def mix_cells(
     return mixed
 
 
-def cpm_rows(matrix: np.ndarray) -> np.ndarray:
-    """Scale each row to sum to 1e6."""
+def cpm_rows(matrix: np.ndarray, inplace: bool = False) -> np.ndarray:
+    """Scale each row to sum to 1e6 (in place when ``inplace``, saving a large copy)."""
     totals = matrix.sum(axis=1, keepdims=True)
     if np.any(totals <= 0):
         raise ValueError(
             f"{int((totals <= 0).sum())} samples have zero total expression and cannot be "
             "CPM-normalised. Remove all-zero samples."
         )
+    if inplace:
+        matrix /= totals / CPM_SCALE
+        return matrix
     return matrix / (totals / CPM_SCALE)
 
 
@@ -154,7 +157,7 @@ def simulate_pseudobulk(
     cell_counts, fractions = sample_cell_counts(
         codes, len(categories), n_samples, cells_per_sample, alpha, rng
     )
-    mixed = cpm_rows(mix_cells(adata, cell_counts, layer, not counts, chunk_size))
+    mixed = cpm_rows(mix_cells(adata, cell_counts, layer, not counts, chunk_size), inplace=True)
     obs_names = pd.Index([f"pseudobulk_{i}" for i in range(n_samples)])
     result = ad.AnnData(
         X=mixed.astype(np.float32),

@@ -159,7 +159,7 @@ class HPVADE(BaseModelClass):
             rng,
             cell_indices=cells,
         )
-        cpm = cpm_rows(mix_cells(self.adata, counts, *self._linear_source()))
+        cpm = cpm_rows(mix_cells(self.adata, counts, *self._linear_source()), inplace=True)
         return (
             torch.as_tensor(cpm, dtype=torch.float32),
             torch.as_tensor(fractions, dtype=torch.float32),
