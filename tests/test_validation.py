@@ -129,15 +129,19 @@ def test_public_calls_change_only_documented_keys(pbmc_split, trained, test_bulk
     snapshot = bulk.copy()
     trained.get_proportions(bulk)
     assert set(bulk.obsm) - set(snapshot.obsm) == {"hpvade_proportions"}
-    assert set(bulk.obs.columns) - set(snapshot.obs.columns) == {"hpvade_fit_score"}
-    del bulk.obsm["hpvade_proportions"]
-    bulk.obs = bulk.obs.drop(columns="hpvade_fit_score")
+    written = {"hpvade_fit_score", "hpvade_unexplained_score", "hpvade_unexplained"}
+    assert set(bulk.obs.columns) - set(snapshot.obs.columns) == written
+    assert set(bulk.uns) - set(snapshot.uns) == {"hpvade_gene_report"}
+    del bulk.obsm["hpvade_proportions"], bulk.uns["hpvade_gene_report"]
+    bulk.obs = bulk.obs.drop(columns=list(written))
     assert _same(bulk, snapshot)
 
     adapted = hpvade.HPVADE.load(_saved(trained), adata=trained.adata)
     bulk = test_bulk[:20].copy()
     snapshot = bulk.copy()
     adapted.adapt(bulk, n_rounds=3)
+    assert set(bulk.uns) - set(snapshot.uns) == {"hpvade_gene_report"}
+    del bulk.uns["hpvade_gene_report"]
     assert _same(bulk, snapshot)
 
     registered = pbmc_split[0].copy()

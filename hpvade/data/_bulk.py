@@ -23,6 +23,38 @@ def looks_log_transformed(values: np.ndarray) -> bool:
     return not np.allclose(values, np.round(values))
 
 
+def gene_report(bulk: AnnData, genes: pd.Index, cpm: np.ndarray) -> dict:
+    """How the bulk's genes met the reference's: found, missing, ignored, all-zero.
+
+    Parameters
+    ----------
+    bulk
+        The bulk AnnData.
+    genes
+        The reference genes (the model's ``var_names``).
+    cpm
+        The bulk's CPM over ``genes`` (samples × genes), from :func:`bulk_to_cpm`.
+
+    Returns
+    -------
+    A JSON-friendly dict: ``n_reference_genes``, ``n_found``, ``missing_genes`` (always empty:
+    a missing reference gene is an error), ``n_extra_ignored`` and ``extra_genes_example`` (bulk
+    genes the reference does not have), ``all_zero_genes`` (reference genes that are zero in
+    every bulk sample, which then only pull their S entries' reconstruction towards zero).
+    """
+    extra = bulk.var_names.difference(genes, sort=False)
+    zero = genes[cpm.sum(axis=0) <= 0]
+    return {
+        "n_reference_genes": int(len(genes)),
+        "n_found": int(genes.isin(bulk.var_names).sum()),
+        "missing_genes": [str(g) for g in genes.difference(bulk.var_names)],
+        "n_extra_ignored": int(len(extra)),
+        "extra_genes_example": [str(g) for g in extra[:10]],
+        "n_all_zero": int(len(zero)),
+        "all_zero_genes": [str(g) for g in zero],
+    }
+
+
 def bulk_to_cpm(bulk: AnnData, genes: pd.Index, layer: str | None = None) -> np.ndarray:
     """Return the bulk samples' CPM over ``genes`` (samples × genes, float64).
 

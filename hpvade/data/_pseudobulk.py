@@ -10,7 +10,11 @@ import pandas as pd
 import scipy.sparse as sp
 from anndata import AnnData
 
-from hpvade._constants import CPM_SCALE, PSEUDOBULK_PROPORTIONS_KEY
+from hpvade._constants import (
+    CPM_SCALE,
+    PSEUDOBULK_PROPORTIONS_KEY,
+    PSEUDOBULK_RNA_PROPORTIONS_KEY,
+)
 from hpvade.data._kernels import add_sampled_rows
 from hpvade.data._labels import get_label_codes
 from hpvade.data._matrix import DEFAULT_CHUNK_SIZE, iter_row_chunks, to_linear
@@ -59,6 +63,25 @@ def sample_cell_counts(
         shape=(n_samples, n_cells),
     )
     return counts, type_counts / cells_per_sample
+
+
+def cell_totals(
+    adata: AnnData, layer: str | None, log1p: bool, chunk_size: int = DEFAULT_CHUNK_SIZE
+) -> np.ndarray:
+    """Total linear expression of each cell (its RNA content when ``layer`` holds counts)."""
+    totals = np.zeros(adata.n_obs)
+    for start, stop, block in iter_row_chunks(adata, layer, chunk_size):
+        totals[start:stop] = np.asarray(to_linear(block, log1p).sum(axis=1)).ravel()
+    return totals
+
+
+def rna_fractions(
+    counts: sp.csr_matrix, codes: np.ndarray, n_types: int, totals: np.ndarray
+) -> np.ndarray:
+    """Each sample's share of RNA from each type: its drawn cells' totals, summed per type."""
+    weights = sp.csr_matrix((totals, (np.arange(codes.size), codes)), shape=(codes.size, n_types))
+    per_type = np.asarray((counts @ weights).todense())
+    return per_type / np.maximum(per_type.sum(axis=1, keepdims=True), 1e-300)
 
 
 def mix_cells(
@@ -138,14 +161,16 @@ def simulate_pseudobulk(
         Seed of the random generator; the same seed gives the same output.
     counts
         If ``True``, ``layer`` holds raw counts (summed as they are); otherwise it holds log1p
-        values and ``expm1`` is summed.
+        values and ``expm1`` is summed. With counts, cells carry their own RNA content, and
+        the RNA fractions are recorded next to the cell fractions.
     chunk_size
         Cells read at a time.
 
     Returns
     -------
     AnnData (samples × genes) with CPM in ``X`` and the true cell fractions (sampled cells of
-    each type / ``cells_per_sample``) as a DataFrame in ``obsm["proportions"]``.
+    each type / ``cells_per_sample``) as a DataFrame in ``obsm["proportions"]``. With
+    ``counts=True`` also ``obsm["rna_proportions"]``: each type's share of the sample's counts.
     """
     if n_samples < 1 or cells_per_sample < 1:
         raise ValueError("`n_samples` and `cells_per_sample` must be positive integers.")
@@ -167,6 +192,13 @@ def simulate_pseudobulk(
     result.obsm[PSEUDOBULK_PROPORTIONS_KEY] = pd.DataFrame(
         fractions, index=obs_names, columns=categories
     )
+    if counts:
+        rna = rna_fractions(
+            cell_counts, codes, len(categories), cell_totals(adata, layer, False, chunk_size)
+        )
+        result.obsm[PSEUDOBULK_RNA_PROPORTIONS_KEY] = pd.DataFrame(
+            rna, index=obs_names, columns=categories
+        )
     result.uns["hpvade_simulation"] = {
         "labels_key": labels_key,
         "cells_per_sample": int(cells_per_sample),

