@@ -57,6 +57,10 @@ _NOT_TRAINED = "The model is not trained yet: call `model.train()` first."
 #: Calibration of the unexplained-sample flag: pseudobulks per fold and the score quantile.
 UNEXPLAINED_CALIBRATION_SAMPLES = 500
 UNEXPLAINED_QUANTILE = 0.995
+#: Reference cells per type decoded for signature draws (a random subset above this).
+MAX_CELLS_PER_TYPE_FOR_DRAWS = 500
+#: Floor of the interval's spread, times sqrt(estimate + 0.01) (see ``HPVADE._spread``).
+INTERVAL_FLOOR = 0.01
 
 
 class HPVADE(BaseModelClass):
@@ -138,6 +142,7 @@ class HPVADE(BaseModelClass):
             per_type = np.bincount(self._label_codes(), weights=totals, minlength=n_labels)
             self.rna_content_ = per_type / np.maximum(self.type_cell_counts_, 1)
         self.unexplained_threshold_: float | None = None
+        self.interval_scale_: np.ndarray | None = None
         self._model_summary_string = (
             f"HPVADE model: {self.summary_stats.n_vars} genes, {n_labels} cell types, "
             f"n_latent {n_latent}, n_hidden {n_hidden}."
@@ -210,8 +215,9 @@ class HPVADE(BaseModelClass):
         batch_size: int | None = None,
         refine_steps: int = 50,
         kind: str = "cell",
+        n_samples: int = 0,
     ) -> pd.DataFrame:
-        """Estimate cell-type proportions of bulk samples.
+        """Estimate cell-type proportions of bulk samples, optionally with 90 % intervals.
 
         Parameters
         ----------
@@ -234,6 +240,15 @@ class HPVADE(BaseModelClass):
             cell fractions are ``(rna / content)`` renormalised. Without a count layer the
             reference is normalised per cell, RNA content is unknown, and both kinds return
             the same numbers.
+        n_samples
+            Signature draws for uncertainty (0: none). Each draw perturbs S by the variation of
+            its type profiles under the VAE posterior (each reference cell decoded from a
+            sample of q(z | x), cells bootstrapped within their type) and re-fits the
+            proportions. The draws' standard deviation goes to ``obsm[key_added + "_std"]``;
+            times a per-type factor ``interval_scale_`` calibrated on pseudobulks of known
+            composition (see :meth:`calibrate_uncertainty`) it gives the 90 % interval
+            ``obsm[key_added + "_lower"]`` / ``obsm[key_added + "_upper"]`` around the
+            estimate. 20 draws are a good default.
 
         Returns
         -------
@@ -251,7 +266,7 @@ class HPVADE(BaseModelClass):
           reference (see :meth:`calibrate_unexplained`). A warning names how many samples are
           flagged.
         - ``uns["hpvade_gene_report"]``: reference genes found, extra bulk genes ignored,
-          reference genes that are zero in every sample (see :func:`~hpvade.data.gene_report`).
+          reference genes that are zero in every sample.
         """
         self._check_if_trained(warn=False, message=_NOT_TRAINED)
         if kind not in ("cell", "rna"):
@@ -269,6 +284,8 @@ class HPVADE(BaseModelClass):
         bulk.obsm[key_added] = result
         bulk.obs[FIT_SCORE_KEY] = self._fit_score(cpm, mixture)
         self._flag_unexplained(bulk, cpm, mixture)
+        if n_samples > 0:
+            self._write_intervals(bulk, cpm, mixture, kind, key_added, n_samples, refine_steps)
         logger.info(
             "Deconvolved %d samples (%s fractions); %d of %d reference genes found.",
             bulk.n_obs,
@@ -341,6 +358,170 @@ class HPVADE(BaseModelClass):
                 stacklevel=settings.warnings_stacklevel,
             )
 
+    # ---------------------------------------------------------------------------- uncertainty
+    @torch.no_grad()
+    def _signature_ratios(self, n_draws: int, rng: np.random.Generator) -> np.ndarray:
+        """Multiplicative perturbations of S (draws × genes × types) from the VAE posterior.
+
+        Each draw decodes every (sub-sampled) reference cell from one sample of q(z | x),
+        bootstraps the cells within each type, and aggregates the decoded profiles per type;
+        the ratio of each draw's profiles to the mean over draws perturbs S.
+        """
+        if self.adata is None:
+            raise RuntimeError("Intervals need the reference: `HPVADE.load(path, adata=ref)`.")
+        codes = self._label_codes()
+        n_types = self.summary_stats.n_labels
+        members = []
+        for t in range(n_types):
+            cells = np.flatnonzero(codes == t)
+            if cells.size > MAX_CELLS_PER_TYPE_FOR_DRAWS:
+                cells = np.sort(rng.choice(cells, MAX_CELLS_PER_TYPE_FOR_DRAWS, replace=False))
+            members.append(cells)
+        subset = np.concatenate(members)
+        weights = self._cell_totals()[subset]  # each cell's share of its type's aggregate
+        sub_codes = codes[subset]
+        self.module.eval()
+        loader = self._make_data_loader(adata=self.adata, indices=subset, batch_size=1024)
+        profiles = []
+        for _ in range(n_draws):
+            decoded = []
+            for tensors in loader:
+                inference = self.module.inference(**self.module._get_inference_input(tensors))
+                z = inference["qz"].sample()
+                decoded.append(self.module.generative(z, inference["library"])["px_scale"])
+            decoded = torch.cat(decoded).double().cpu().numpy() * weights[:, None]
+            picks = np.concatenate(
+                [
+                    rng.choice(np.flatnonzero(sub_codes == t), (sub_codes == t).sum())
+                    for t in range(n_types)
+                ]
+            )
+            boot = sp.csr_matrix(
+                (np.ones(picks.size), (sub_codes[picks], picks)), shape=(n_types, subset.size)
+            )
+            aggregate = np.asarray(boot @ decoded)
+            profiles.append(aggregate / aggregate.sum(axis=1, keepdims=True))
+        profiles = np.stack(profiles)  # draws × types × genes
+        ratios = profiles / np.maximum(profiles.mean(axis=0, keepdims=True), 1e-30)
+        return ratios.transpose(0, 2, 1)
+
+    @staticmethod
+    def _proportion_draws(
+        cpm: np.ndarray, signature: np.ndarray, estimate: np.ndarray, ratios: np.ndarray, steps
+    ) -> np.ndarray:
+        """Proportions re-fitted under each perturbed signature (draws × samples × types)."""
+        cpm_t = torch.as_tensor(cpm, dtype=torch.float32)
+        initial = torch.as_tensor(estimate, dtype=torch.float32)
+        draws = []
+        for ratio in ratios:
+            perturbed = signature * ratio
+            perturbed = perturbed / perturbed.sum(axis=0, keepdims=True) * 1e6
+            perturbed_t = torch.as_tensor(perturbed, dtype=torch.float32)
+            refined = HPVADEModule.refine_with_signature(cpm_t, perturbed_t, initial, steps)
+            draws.append(refined.double().numpy())
+        return np.stack(draws)
+
+    @staticmethod
+    def _spread(estimate: np.ndarray, draws: np.ndarray) -> np.ndarray:
+        """The draws' standard deviation, with a small floor that grows with the estimate.
+
+        The floor keeps types whose draws barely move (an estimate pinned at 0) from getting
+        a zero-width interval.
+        """
+        return draws.std(axis=0) + INTERVAL_FLOOR * np.sqrt(estimate + 0.01)
+
+    @classmethod
+    def _interval(cls, estimate: np.ndarray, draws: np.ndarray, scale: np.ndarray):
+        half_width = np.asarray(scale)[None, :] * cls._spread(estimate, draws)
+        return np.clip(estimate - half_width, 0.0, 1.0), np.clip(estimate + half_width, 0.0, 1.0)
+
+    def _write_intervals(self, bulk, cpm, mixture, kind, key_added, n_samples, refine_steps):
+        if self.interval_scale_ is None:
+            self.calibrate_uncertainty()
+        rng = np.random.default_rng(settings.seed or 0)
+        signature = self.module.signature().detach().cpu().double().numpy()
+        ratios = self._signature_ratios(n_samples, rng)
+        draws = self._proportion_draws(cpm, signature, mixture, ratios, max(refine_steps, 1))
+        draws = np.stack([self._convert_kind(d, kind) for d in draws])
+        estimate = self._convert_kind(mixture, kind)
+        lower, upper = self._interval(estimate, draws, self.interval_scale_)
+        index, columns = bulk.obs_names.copy(), self.cell_types
+        bulk.obsm[f"{key_added}_std"] = pd.DataFrame(draws.std(axis=0), index, columns)
+        bulk.obsm[f"{key_added}_lower"] = pd.DataFrame(lower, index, columns)
+        bulk.obsm[f"{key_added}_upper"] = pd.DataFrame(upper, index, columns)
+
+    def calibrate_uncertainty(
+        self, n_draws: int = 20, n_samples: int = 250, coverage: float = 0.9, seed: int = 0
+    ) -> np.ndarray:
+        """Calibrate the width of the proportion intervals on pseudobulks of known composition.
+
+        The signature draws of :meth:`get_proportions` capture how much the type profiles
+        vary under the VAE posterior, not every source of error, so their spread alone is far
+        too narrow. As for the unexplained-sample flag, the reference cells are split in halves
+        per type (twice): a signature from one half deconvolves pseudobulks simulated from the
+        other, with the same draws around it. For each type, ``interval_scale_`` is the
+        ``coverage`` quantile of the absolute error divided by the draws' spread
+        (split-conformal calibration, one factor per type: error scales differ most between
+        types).
+
+        Parameters
+        ----------
+        n_draws
+            Signature draws per calibration sample.
+        n_samples
+            Pseudobulks per split.
+        coverage
+            Target coverage of the interval.
+        seed
+            Seed of the splits, the simulation and the draws.
+
+        Returns
+        -------
+        The per-type factors, also kept in ``interval_scale_`` (and saved with the model).
+        """
+        rng = np.random.default_rng(seed)
+        ratios = self._signature_ratios(n_draws, rng)
+        normalised = []
+        for signature, cpm, truth, estimate in self._crossfit_pseudobulks(n_samples, rng):
+            draws = self._proportion_draws(cpm, signature, estimate, ratios, 50)
+            normalised.append(np.abs(truth - estimate) / self._spread(estimate, draws))
+        # one factor per type (Mondrian conformal): error scales differ most between types
+        self.interval_scale_ = np.quantile(np.concatenate(normalised), coverage, axis=0)
+        logger.info("Interval scales per type: %s.", np.round(self.interval_scale_, 3))
+        return self.interval_scale_
+
+    def _crossfit_pseudobulks(self, n_samples: int, rng: np.random.Generator):
+        """Twice: a signature from half the cells of each type, and pseudobulks from the rest.
+
+        Yields ``(signature, cpm, truth, estimate)``: the half signature (genes × types),
+        pseudobulk CPM, their true mixture fractions (RNA fractions with a count layer) and the
+        proportions refined against the half signature. Samples the reference explains, seen
+        through a signature that never saw their cells: the calibration data of the flag and
+        of the intervals.
+        """
+        if self.adata is None:
+            raise RuntimeError("Calibration needs the reference: `HPVADE.load(path, adata=ref)`.")
+        codes = self._label_codes()
+        n_types = self.summary_stats.n_labels
+        source = self._linear_source()
+        self.module.eval()
+        for _ in range(2):
+            half, other = stratified_split(codes, 0.5, rng)
+            indicator = sp.csr_matrix(
+                (np.ones(half.size), (codes[half], half)), shape=(n_types, codes.size)
+            )
+            signature = cpm_columns(mix_cells(self.adata, indicator, *source))
+            counts, truth = sample_cell_counts(codes, n_types, n_samples, 500, 1.0, rng, other)
+            if self.rna_content_ is not None:
+                truth = rna_fractions(counts, codes, n_types, self._cell_totals())
+            cpm = cpm_rows(mix_cells(self.adata, counts, *source), inplace=True)
+            cpm_t = torch.as_tensor(cpm, dtype=torch.float32)
+            with torch.no_grad():
+                initial = self.module.deconvolve(cpm_t.to(self.module.device)).cpu()
+            signature_t = torch.as_tensor(signature, dtype=torch.float32)
+            estimate = HPVADEModule.refine_with_signature(cpm_t, signature_t, initial, 100)
+            yield signature, cpm, truth, estimate.double().numpy()
+
     def calibrate_unexplained(
         self,
         n_samples: int = UNEXPLAINED_CALIBRATION_SAMPLES,
@@ -371,29 +552,15 @@ class HPVADE(BaseModelClass):
         -------
         The threshold.
         """
-        if self.adata is None:
-            raise RuntimeError("Calibration needs the reference: `HPVADE.load(path, adata=ref)`.")
-        codes = self._label_codes()
-        n_types = self.summary_stats.n_labels
-        source = self._linear_source()
         rng = np.random.default_rng(seed)
-        scores = []
-        for _ in range(2):
-            half, other = stratified_split(codes, 0.5, rng)
-            indicator = sp.csr_matrix(
-                (np.ones(half.size), (codes[half], half)), shape=(n_types, codes.size)
-            )
-            signature = torch.as_tensor(
-                cpm_columns(mix_cells(self.adata, indicator, *source)), dtype=torch.float32
-            )
-            counts, _ = sample_cell_counts(codes, n_types, n_samples, 500, 1.0, rng, other)
-            cpm = cpm_rows(mix_cells(self.adata, counts, *source), inplace=True)
-            cpm_t = torch.as_tensor(cpm, dtype=torch.float32)
-            self.module.eval()
-            with torch.no_grad():
-                initial = self.module.deconvolve(cpm_t.to(self.module.device)).cpu()
-            proportions = HPVADEModule.refine_with_signature(cpm_t, signature, initial, 100)
-            scores.append(unexplained_expression(cpm_t, proportions, signature).numpy())
+        scores = [
+            unexplained_expression(
+                torch.as_tensor(cpm, dtype=torch.float32),
+                torch.as_tensor(estimate, dtype=torch.float32),
+                torch.as_tensor(signature, dtype=torch.float32),
+            ).numpy()
+            for signature, cpm, _, estimate in self._crossfit_pseudobulks(n_samples, rng)
+        ]
         self.unexplained_threshold_ = 0.5 * float(np.quantile(np.concatenate(scores), quantile))
         logger.info("Unexplained-sample threshold: %.4g.", self.unexplained_threshold_)
         return self.unexplained_threshold_
