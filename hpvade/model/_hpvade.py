@@ -530,14 +530,15 @@ class HPVADE(BaseModelClass):
     ) -> float:
         """Calibrate the threshold of the unexplained-sample flag on the reference.
 
-        Twice, the reference cells are split in halves per type: a signature is built from one
-        half and pseudobulks of known composition are simulated from the other, deconvolved
-        with that signature and scored (unexplained expression). These are samples the
+        Runs at the end of :meth:`train`. Twice, the reference cells are split in halves per
+        type: a signature is built from one half and pseudobulks of known composition are
+        simulated from the other, deconvolved with that signature and scored (unexplained
+        expression). These are samples the
         reference does explain, seen through a signature that never saw their cells. Both
         halves hold half the cells, which about doubles the noise of the score compared with
         the full reference and new samples, so the threshold is half the ``quantile`` of
-        these scores. Called by :meth:`get_proportions` when needed; the result is kept in
-        ``unexplained_threshold_`` (and saved with the model).
+        these scores. The result is kept in ``unexplained_threshold_`` (and saved with the
+        model).
 
         Parameters
         ----------
@@ -847,9 +848,12 @@ class HPVADE(BaseModelClass):
             **trainer_kwargs,
         )
         try:
-            return runner()
+            result = runner()
         finally:
             self.scale_check_ = plan.scale_check
+        # Calibrate the unexplained-sample flag now, so get_proportions never pays for it.
+        self.calibrate_unexplained()
+        return result
 
     @classmethod
     def load(cls, dir_path: str, adata: AnnData | None = None, **kwargs):
