@@ -37,6 +37,8 @@ N_GENES, N_TYPES = 5_000, 20
 N_BULK, CELLS_PER_BULK = 10_000, 500
 #: Largest reference the straightforward versions get (their dense copy is cells × 5k float32).
 NAIVE_MAX_CELLS = 100_000
+#: Training epochs are timed this many times (alternating hpvade and SCVI); the best counts.
+REPEATS = 2
 SIGNATURE, NAIVE_SIGNATURE = "build_signature", "naive signature (dense, loop over types)"
 SIMULATE = f"simulate_pseudobulk {N_BULK:,} x {CELLS_PER_BULK}"
 NAIVE_SIMULATE = f"naive pseudobulk (loop over {N_BULK:,} samples)"
@@ -125,6 +127,17 @@ class Measure:
         return False
 
 
+def best(runs: list[Measure]) -> Measure:
+    """The fastest run (its peak memory is the largest of all runs)."""
+    fastest = min(runs, key=lambda m: m.seconds)
+    fastest.extra_gb = max(m.extra_gb for m in runs)
+    return fastest
+
+
+def runs_text(runs: list[Measure]) -> str:
+    return " / ".join(f"{m.seconds:.2f}" for m in runs)
+
+
 # ------------------------------------------------------------------ straightforward versions
 def naive_signature(adata: ad.AnnData) -> np.ndarray:
     """A first prototype's signature: dense copy, then a Python loop over types."""
@@ -189,17 +202,26 @@ def run_size(n_cells: int, epochs: bool) -> list[dict]:
             naive_pseudobulk(ref, N_BULK)
         record(NAIVE_SIMULATE, m)
     if epochs:
-        train_ref = ref.copy()
-        with Measure() as m:
-            model = one_hpvade_epoch(train_ref)
-        record(EPOCH, m)
-        scvi_ref = ref.copy()
-        with Measure() as m:
-            one_scvi_epoch(scvi_ref)
-        record(SCVI_EPOCH, m)
-        with Measure() as m:
-            model.get_proportions(bulk)
-        record(PROPORTIONS, m)
+        # Alternate the two models twice and keep each one's faster run: the machines here
+        # are shared, and one slow epoch should not decide the ratio.
+        hpvade_runs, scvi_runs = [], []
+        for _ in range(REPEATS):
+            train_ref = ref.copy()
+            with Measure() as m:
+                model = one_hpvade_epoch(train_ref)
+            hpvade_runs.append(m)
+            scvi_ref = ref.copy()
+            with Measure() as m:
+                one_scvi_epoch(scvi_ref)
+            scvi_runs.append(m)
+        record(EPOCH, best(hpvade_runs), {"runs": runs_text(hpvade_runs)})
+        record(SCVI_EPOCH, best(scvi_runs), {"runs": runs_text(scvi_runs)})
+        proportion_runs = []
+        for _ in range(REPEATS + 1):
+            with Measure() as m:
+                model.get_proportions(bulk.copy())
+            proportion_runs.append(m)
+        record(PROPORTIONS, best(proportion_runs), {"runs": runs_text(proportion_runs)})
     return rows
 
 
@@ -252,7 +274,9 @@ def main() -> None:
         "types, negative-binomial library sizes, ~5 % non-zero, normalize_total + log1p, CSR "
         "float32. 'extra GB' is the peak resident memory above the level before the step. "
         "The training epoch is a whole `train(max_epochs=1)` call (setup, pseudobulk pools, "
-        "one pass over the cells, validation) for both models, batch size 128.",
+        "one pass over the cells, validation; for hpvade also the flag calibration) for both "
+        "models, batch size 128, run twice alternating hpvade and SCVI; `get_proportions` is "
+        "run three times. 'seconds' is the fastest run, all runs are listed.",
         "",
         markdown(table.fillna("")),
         "",

@@ -54,6 +54,12 @@ logger = logging.getLogger(__name__)
 
 _NOT_TRAINED = "The model is not trained yet: call `model.train()` first."
 
+#: Adam steps refining the network's proportions. Measured on held-out PBMC pseudobulks
+#: (default model): r 0.620 with none, 0.696 / 0.699 / 0.696 / 0.692 / 0.690 with 10 / 20 / 30 /
+#: 50 / 200 steps: the optimum is reached early, and each step costs two (samples × genes)
+#: products.
+DEFAULT_REFINE_STEPS = 20
+
 #: Calibration of the unexplained-sample flag: pseudobulks per fold and the score quantile.
 UNEXPLAINED_CALIBRATION_SAMPLES = 500
 UNEXPLAINED_QUANTILE = 0.995
@@ -213,7 +219,7 @@ class HPVADE(BaseModelClass):
         layer: str | None = None,
         key_added: str = PROPORTIONS_KEY,
         batch_size: int | None = None,
-        refine_steps: int = 50,
+        refine_steps: int = DEFAULT_REFINE_STEPS,
         kind: str = "cell",
         n_samples: int = 0,
     ) -> pd.DataFrame:
@@ -483,7 +489,7 @@ class HPVADE(BaseModelClass):
         ratios = self._signature_ratios(n_draws, rng)
         normalised = []
         for signature, cpm, truth, estimate in self._crossfit_pseudobulks(n_samples, rng):
-            draws = self._proportion_draws(cpm, signature, estimate, ratios, 50)
+            draws = self._proportion_draws(cpm, signature, estimate, ratios, DEFAULT_REFINE_STEPS)
             normalised.append(np.abs(truth - estimate) / self._spread(estimate, draws))
         # one factor per type (Mondrian conformal): error scales differ most between types
         self.interval_scale_ = np.quantile(np.concatenate(normalised), coverage, axis=0)
