@@ -102,7 +102,7 @@ def test_flag_catches_a_missing_type_and_spares_a_complete_reference(
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         trained.get_proportions(complete)
-    # measured: 4.0 % of held-out samples flagged with the complete reference
+    # measured: 3.7 % of held-out samples flagged with the complete reference
     assert complete.obs["hpvade_unexplained"].mean() <= 0.05
 
     lacking = flag_bulk.copy()
@@ -112,7 +112,7 @@ def test_flag_catches_a_missing_type_and_spares_a_complete_reference(
     assert "cell type missing from the reference" in message and "batch" in message
     flagged = lacking.obs["hpvade_unexplained"].to_numpy()
     assert flagged.dtype == bool
-    # measured: 0.94 of the samples with >= 20 % of the missing type are flagged
+    # measured: 0.915 of the samples with >= 20 % of the missing type are flagged
     assert flagged[share >= 0.2].mean() >= 0.8
     threshold = missing_type_model.unexplained_threshold_
     np.testing.assert_array_equal(flagged, lacking.obs["hpvade_unexplained_score"] > threshold)
@@ -161,7 +161,7 @@ def test_intervals_are_calibrated_and_wider_where_errors_are_larger(trained, tes
     assert np.all(spread >= 0) and spread.shape == estimate.shape
     assert trained.interval_scale_.shape == (estimate.shape[1],)
     coverage = np.mean((truth >= lower) & (truth <= upper))
-    # measured: 0.906 on these 120 held-out pseudobulks (0.913 on 300 others)
+    # measured: 0.890 on these 120 held-out pseudobulks (0.899 on 300 others)
     assert 0.80 <= coverage <= 0.97
     rho = spearmanr((upper - lower).ravel(), np.abs(estimate - truth).ravel())[0]
-    assert rho > 0.3  # measured 0.55 (0.52 on the 300)
+    assert rho > 0.3  # measured 0.54 (0.51 on the 300)

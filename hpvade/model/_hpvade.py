@@ -525,7 +525,9 @@ class HPVADE(BaseModelClass):
             with torch.no_grad():
                 initial = self.module.deconvolve(cpm_t.to(self.module.device)).cpu()
             signature_t = torch.as_tensor(signature, dtype=torch.float32)
-            estimate = HPVADEModule.refine_with_signature(cpm_t, signature_t, initial, 100)
+            estimate = HPVADEModule.refine_with_signature(
+                cpm_t, signature_t, initial, DEFAULT_REFINE_STEPS
+            )
             yield signature, cpm, truth, estimate.double().numpy()
 
     def calibrate_unexplained(
