@@ -33,14 +33,7 @@ def pbmc_split(pbmc):
 @pytest.fixture(scope="session")
 def trained(pbmc_split):
     """An HPVADE model trained briefly on the reference half (shared by read-only tests)."""
-    scvi.settings.seed = 0
-    ref = pbmc_split[0].copy()
-    hpvade.HPVADE.setup_anndata(ref, labels_key=LABELS)
-    model = hpvade.HPVADE(ref)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        model.train(max_epochs=60, enable_progress_bar=False)
-    return model
+    return train_briefly(pbmc_split[0].copy())
 
 
 @pytest.fixture(scope="session")
@@ -49,6 +42,18 @@ def test_bulk(pbmc_split):
     return hpvade.pp.simulate_pseudobulk(
         pbmc_split[1], LABELS, n_samples=120, cells_per_sample=500, seed=1
     )
+
+
+def train_briefly(ref, max_epochs: int = 60, **setup_kwargs):
+    """Register ``ref`` (labels ``LABELS`` unless given) and train a default model, seed 0."""
+    scvi.settings.seed = 0
+    setup_kwargs.setdefault("labels_key", LABELS)
+    hpvade.HPVADE.setup_anndata(ref, **setup_kwargs)
+    model = hpvade.HPVADE(ref)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model.train(max_epochs=max_epochs, enable_progress_bar=False)
+    return model
 
 
 def make_reference(n_cells=200, n_genes=60, n_types=3, seed=0, sparse=True):

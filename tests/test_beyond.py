@@ -7,11 +7,10 @@ import numpy as np
 import pandas as pd
 import pytest
 import scipy.sparse as sp
-import scvi
 
 import hpvade
 
-from .conftest import LABELS
+from .conftest import LABELS, train_briefly
 
 MISSING = "CD14+ Monocyte"
 
@@ -47,14 +46,11 @@ def test_cell_and_rna_fractions_with_a_count_layer():
     # the two truths differ: RNA-rich types take a larger share of the RNA
     assert _rmse(cell_truth, rna_truth) > 0.08
 
-    scvi.settings.seed = 0
-    hpvade.HPVADE.setup_anndata(reference, labels_key="cell_type", counts_layer="counts")
-    model = hpvade.HPVADE(reference)
+    model = train_briefly(reference, labels_key="cell_type", counts_layer="counts")
     ratio = model.rna_content_ / model.rna_content_.min()
     np.testing.assert_allclose(ratio, [1.0, 1.6, 2.5, 4.0], rtol=0.1)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        model.train(max_epochs=60, enable_progress_bar=False)
         cells = model.get_proportions(bulk.copy())
         rna = model.get_proportions(bulk.copy(), kind="rna")
     signature = hpvade.pp.build_signature(reference, "cell_type", layer="counts", counts=True)
@@ -80,13 +76,7 @@ def test_without_a_count_layer_both_kinds_agree(trained, test_bulk):
 def missing_type_model(pbmc_split):
     ref = pbmc_split[0][pbmc_split[0].obs[LABELS] != MISSING].copy()
     ref.obs[LABELS] = ref.obs[LABELS].cat.remove_unused_categories()
-    scvi.settings.seed = 0
-    hpvade.HPVADE.setup_anndata(ref, labels_key=LABELS)
-    model = hpvade.HPVADE(ref)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        model.train(max_epochs=60, enable_progress_bar=False)
-    return model
+    return train_briefly(ref)
 
 
 @pytest.fixture(scope="module")

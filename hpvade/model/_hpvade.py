@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import warnings
 from collections.abc import Sequence
@@ -288,7 +289,7 @@ class HPVADE(BaseModelClass):
         proportions = self._convert_kind(mixture, kind)
         result = pd.DataFrame(proportions, index=bulk.obs_names.copy(), columns=self.cell_types)
         bulk.obsm[key_added] = result
-        bulk.obs[FIT_SCORE_KEY] = self._fit_score(cpm, mixture)
+        bulk.obs[FIT_SCORE_KEY] = self._score_samples(bulk_reconstruction_error, cpm, mixture)
         self._flag_unexplained(bulk, cpm, mixture)
         if n_samples > 0:
             self._write_intervals(bulk, cpm, mixture, kind, key_added, n_samples, refine_steps)
@@ -302,17 +303,13 @@ class HPVADE(BaseModelClass):
         return result
 
     @torch.no_grad()
-    def _fit_score(self, cpm: np.ndarray, proportions: np.ndarray) -> np.ndarray:
-        signature = self.module.signature().detach().cpu()
-        return (
-            bulk_reconstruction_error(
-                torch.as_tensor(cpm, dtype=torch.float32),
-                torch.as_tensor(proportions, dtype=torch.float32),
-                signature,
-            )
-            .double()
-            .numpy()
-        )
+    def _score_samples(self, score, cpm, proportions, signature=None) -> np.ndarray:
+        """A per-sample score (``bulk_reconstruction_error``, ``unexplained_expression``)
+        of ``proportions`` against ``signature`` (the model's S by default)."""
+        if signature is None:
+            signature = self.module.signature().detach().cpu()
+        as_tensor = functools.partial(torch.as_tensor, dtype=torch.float32)
+        return score(as_tensor(cpm), as_tensor(proportions), as_tensor(signature)).double().numpy()
 
     def _convert_kind(self, mixture: np.ndarray, kind: str) -> np.ndarray:
         """Mixture (RNA) fractions to cell fractions, where RNA content is known."""
@@ -335,16 +332,7 @@ class HPVADE(BaseModelClass):
         return report
 
     def _flag_unexplained(self, bulk: AnnData, cpm: np.ndarray, mixture: np.ndarray) -> None:
-        signature = self.module.signature().detach().cpu()
-        score = (
-            unexplained_expression(
-                torch.as_tensor(cpm, dtype=torch.float32),
-                torch.as_tensor(mixture, dtype=torch.float32),
-                signature,
-            )
-            .double()
-            .numpy()
-        )
+        score = self._score_samples(unexplained_expression, cpm, mixture)
         bulk.obs[UNEXPLAINED_SCORE_KEY] = score
         if self.unexplained_threshold_ is None:
             if self.adata is None:
@@ -563,11 +551,7 @@ class HPVADE(BaseModelClass):
         """
         rng = np.random.default_rng(seed)
         scores = [
-            unexplained_expression(
-                torch.as_tensor(cpm, dtype=torch.float32),
-                torch.as_tensor(estimate, dtype=torch.float32),
-                torch.as_tensor(signature, dtype=torch.float32),
-            ).numpy()
+            self._score_samples(unexplained_expression, cpm, estimate, signature)
             for signature, cpm, _, estimate in self._crossfit_pseudobulks(n_samples, rng)
         ]
         self.unexplained_threshold_ = 0.5 * float(np.quantile(np.concatenate(scores), quantile))
