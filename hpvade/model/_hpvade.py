@@ -287,7 +287,7 @@ class HPVADE(BaseModelClass):
                 "Pass a copy: `bulk = bulk[mask].copy()`."
             )
         cpm = bulk_to_cpm(bulk, self.var_names, layer)
-        report = self._record_gene_report(bulk, cpm)
+        self._record_gene_report(bulk, cpm)
         mixture = self._deconvolve(cpm, batch_size, refine_steps)
         proportions = self._convert_kind(mixture, kind)
         result = pd.DataFrame(proportions, index=bulk.obs_names.copy(), columns=self.cell_types)
@@ -296,13 +296,7 @@ class HPVADE(BaseModelClass):
         self._flag_unexplained(bulk, cpm, mixture)
         if n_samples > 0:
             self._write_intervals(bulk, cpm, mixture, kind, key_added, n_samples, refine_steps)
-        logger.info(
-            "Deconvolved %d samples (%s fractions); %d of %d reference genes found.",
-            bulk.n_obs,
-            kind,
-            report["n_found"],
-            report["n_reference_genes"],
-        )
+        logger.info("Deconvolved %d samples (%s fractions).", bulk.n_obs, kind)
         return result
 
     @torch.no_grad()
