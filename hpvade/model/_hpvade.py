@@ -187,25 +187,34 @@ class HPVADE(BaseModelClass):
             return args["counts_layer"], False
         return args.get("layer"), True
 
-    def _simulate_pool(
-        self, cells: np.ndarray, n_samples: int, cells_per_sample: int, alpha: float, seed: int
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        rng = np.random.default_rng(seed)
+    def _simulate_mixtures(
+        self,
+        cells: np.ndarray,
+        n_samples: int,
+        cells_per_sample: int,
+        alpha: float,
+        rng: np.random.Generator,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Pseudobulk CPM from ``cells`` and their true mixture fractions.
+
+        With a count layer, counts carry each cell's RNA content, so the mixture's shares are
+        RNA fractions; otherwise they are the cell fractions.
+        """
+        codes, n_types = self._label_codes(), self.summary_stats.n_labels
         counts, fractions = sample_cell_counts(
-            self._label_codes(),
-            self.summary_stats.n_labels,
-            n_samples,
-            cells_per_sample,
-            alpha,
-            rng,
-            cell_indices=cells,
+            codes, n_types, n_samples, cells_per_sample, alpha, rng, cell_indices=cells
         )
         cpm = cpm_rows(mix_cells(self.adata, counts, *self._linear_source()), inplace=True)
         if self.rna_content_ is not None:
-            # counts carry each cell's RNA content: the mixture's shares are RNA fractions
-            fractions = rna_fractions(
-                counts, self._label_codes(), self.summary_stats.n_labels, self._cell_totals()
-            )
+            fractions = rna_fractions(counts, codes, n_types, self._cell_totals())
+        return cpm, fractions
+
+    def _simulate_pool(
+        self, cells: np.ndarray, n_samples: int, cells_per_sample: int, alpha: float, seed: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        cpm, fractions = self._simulate_mixtures(
+            cells, n_samples, cells_per_sample, alpha, np.random.default_rng(seed)
+        )
         return (
             torch.as_tensor(cpm, dtype=torch.float32),
             torch.as_tensor(fractions, dtype=torch.float32),
@@ -502,10 +511,7 @@ class HPVADE(BaseModelClass):
                 (np.ones(half.size), (codes[half], half)), shape=(n_types, codes.size)
             )
             signature = cpm_columns(mix_cells(self.adata, indicator, *source))
-            counts, truth = sample_cell_counts(codes, n_types, n_samples, 500, 1.0, rng, other)
-            if self.rna_content_ is not None:
-                truth = rna_fractions(counts, codes, n_types, self._cell_totals())
-            cpm = cpm_rows(mix_cells(self.adata, counts, *source), inplace=True)
+            cpm, truth = self._simulate_mixtures(other, n_samples, 500, 1.0, rng)
             cpm_t = torch.as_tensor(cpm, dtype=torch.float32)
             with torch.no_grad():
                 initial = self.module.deconvolve(cpm_t.to(self.module.device)).cpu()
