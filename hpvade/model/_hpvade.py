@@ -46,7 +46,7 @@ from hpvade.data._validation import (
     validate_reference,
     warn_on_sparse_types_genes_and_cells,
 )
-from hpvade.model._adaptation import adapt_signature
+from hpvade.model._adaptation import adapt_signature, weighted_nnls
 from hpvade.module import HPVADEModule
 from hpvade.module._hpvade import bulk_reconstruction_error, unexplained_expression
 from hpvade.train import HPVADETrainingPlan
@@ -63,6 +63,8 @@ DEFAULT_REFINE_STEPS = 20
 
 #: Cohorts smaller than this get a proportionally weaker prior in ``adapt``.
 SMALL_COHORT = 40
+#: Alternating rounds of ``adapt``: an early stop (see its ``n_rounds``).
+DEFAULT_ADAPT_ROUNDS = 30
 
 #: Calibration of the unexplained-sample flag: pseudobulks per fold and the score quantile.
 UNEXPLAINED_CALIBRATION_SAMPLES = 500
@@ -142,6 +144,8 @@ class HPVADE(BaseModelClass):
         )
         self.scale_check_: dict | None = None
         self.adaptation_: dict | None = None
+        # Per-gene inverse noise variances learned by adapt(); None for an unadapted model.
+        self.gene_weights_: np.ndarray | None = None
         self.type_cell_counts_ = (
             np.bincount(self._label_codes(), minlength=n_labels) if adata is not None else None
         )
@@ -407,15 +411,24 @@ class HPVADE(BaseModelClass):
 
     @staticmethod
     def _proportion_draws(
-        cpm: np.ndarray, signature: np.ndarray, estimate: np.ndarray, ratios: np.ndarray, steps
+        cpm: np.ndarray,
+        signature: np.ndarray,
+        estimate: np.ndarray,
+        ratios: np.ndarray,
+        steps: int,
+        gene_weights: np.ndarray | None = None,
     ) -> np.ndarray:
-        """Proportions re-fitted under each perturbed signature (draws × samples × types)."""
+        """Proportions re-fitted under each perturbed signature (draws × samples × types);
+        with ``gene_weights`` (an adapted model) by the weighted least squares of ``adapt``."""
         cpm_t = torch.as_tensor(cpm, dtype=torch.float32)
         initial = torch.as_tensor(estimate, dtype=torch.float32)
         draws = []
         for ratio in ratios:
             perturbed = signature * ratio
             perturbed = perturbed / perturbed.sum(axis=0, keepdims=True) * 1e6
+            if gene_weights is not None:
+                draws.append(weighted_nnls(cpm, perturbed, gene_weights, estimate))
+                continue
             perturbed_t = torch.as_tensor(perturbed, dtype=torch.float32)
             refined = HPVADEModule.refine_with_signature(cpm_t, perturbed_t, initial, steps)
             draws.append(refined.double().numpy())
@@ -441,7 +454,9 @@ class HPVADE(BaseModelClass):
         rng = np.random.default_rng(settings.seed or 0)
         signature = self.module.signature().detach().cpu().double().numpy()
         ratios = self._signature_ratios(n_samples, rng)
-        draws = self._proportion_draws(cpm, signature, mixture, ratios, max(refine_steps, 1))
+        weights = self.gene_weights_ if refine_steps > 0 else None
+        steps = max(refine_steps, 1)
+        draws = self._proportion_draws(cpm, signature, mixture, ratios, steps, weights)
         draws = np.stack([self._convert_kind(d, kind) for d in draws])
         estimate = self._convert_kind(mixture, kind)
         lower, upper = self._interval(estimate, draws, self.interval_scale_)
@@ -565,11 +580,10 @@ class HPVADE(BaseModelClass):
         self,
         bulk: AnnData,
         layer: str | None = None,
-        n_rounds: int = 300,
+        n_rounds: int = DEFAULT_ADAPT_ROUNDS,
         prior_strength: float = 1.0,
         validation_fraction: float = 0.2,
         tolerance: float = 1e-6,
-        refine_steps: int = 60,
         distill_steps: int = 300,
         gene_factor: bool = True,
         factor_shrinkage: float = 0.0,
@@ -577,15 +591,19 @@ class HPVADE(BaseModelClass):
     ) -> dict:
         """Adapt the signature S and the deconvolution network to the user's bulk samples.
 
-        No labels are needed. Rounds alternate proportions given S (per-sample refinement of the
-        bulk-reconstruction loss) and S given proportions (per-gene ridge regression). The ridge
-        pulls S towards the signature learned with the single-cell path (VAE and prototype
-        loss), with a per-type strength proportional to the type's reference cells: a profile
-        averaged over few cells may move freely, a well-sampled one stays anchored. A free
-        per-gene factor absorbs a protocol's gene-wise bias. Rounds stop when S converges. A
-        share of the samples is held out: if the adapted S explains them worse than the
-        unadapted one, S is left unchanged. The network is then fine-tuned to predict the
-        adapted proportions, and :meth:`get_proportions` uses the adapted model.
+        No labels are needed. Rounds alternate proportions given S and S given proportions.
+        Proportions are the exact non-negative least-squares fit of each sample with every gene
+        weighted by the inverse of its noise variance, re-estimated each round from the
+        residuals over all samples and moderated towards the trend over genes: bulk noise grows
+        with expression and differs from gene to gene, and an unweighted fit lets the noisiest
+        genes pull S astray. S is a per-gene ridge regression pulled towards the signature
+        learned with the single-cell path (VAE and prototype loss), with a per-type strength
+        proportional to the type's reference cells: a profile averaged over few cells may move
+        freely, a well-sampled one stays anchored. A free per-gene factor absorbs a protocol's
+        gene-wise bias. A share of the samples is held out: if the adapted S explains them
+        worse than the unadapted one, S is left unchanged. The network is then fine-tuned to
+        predict the adapted proportions, and :meth:`get_proportions` uses the adapted model:
+        the adapted S and the same gene weights (``gene_weights_``).
 
         Parameters
         ----------
@@ -594,7 +612,11 @@ class HPVADE(BaseModelClass):
         layer
             Layer of ``bulk`` with the values; ``None`` uses ``bulk.X``.
         n_rounds
-            Maximum alternating rounds.
+            Alternating rounds; fewer stop earlier (rounds also end once S stops changing).
+            The default, 30, is an early stop measured on held-out PBMC cohorts: converged
+            S (300 rounds) over-fits a dozen samples (overall r 0.92 / 0.85 / 0.84 at 30
+            rounds, 0.91 / 0.80 / 0.74 converged, three 12-sample cohorts) and gains little
+            on 300 (0.960 → 0.965 under a platform shift).
         prior_strength
             Strength of the pull towards the single-cell signature for a type with the mean
             number of reference cells (in units of samples' worth of evidence). Below 40
@@ -605,8 +627,6 @@ class HPVADE(BaseModelClass):
             Share of samples held out to check that adapting helps (none below 6 samples).
         tolerance
             Stop once S changes by less than this (relative L1) between rounds.
-        refine_steps
-            Optimiser steps of each proportion fit.
         distill_steps
             Steps fine-tuning the deconvolution network on the adapted proportions.
         gene_factor
@@ -620,8 +640,8 @@ class HPVADE(BaseModelClass):
         Returns
         -------
         Summary dict (also in ``model.adaptation_``): ``kept_round`` (0 = S unchanged),
-        ``n_rounds_run``, held-out ``validation_error`` (round 0, then every 10 rounds),
-        sample counts.
+        ``n_rounds_run``, held-out ``validation_error`` (weighted squared error with the
+        unadapted and the adapted S), sample counts.
         """
         self._check_if_trained(warn=False, message=_NOT_TRAINED)
         cpm = bulk_to_cpm(bulk, self.var_names, layer)
@@ -646,15 +666,14 @@ class HPVADE(BaseModelClass):
             n_rounds=n_rounds,
             validation_fraction=validation_fraction,
             tolerance=tolerance,
-            refine_steps=refine_steps,
             rng=rng,
             gene_factor=gene_factor,
             factor_shrinkage=factor_shrinkage,
         )
         if result.kept_round > 0:
             self.module.set_signature(result.signature)
-            adapted = self._deconvolve(cpm, None, refine_steps=200)
-            self._distill(cpm, adapted, distill_steps)
+            self.gene_weights_ = result.gene_weights
+            self._distill(cpm, self._deconvolve(cpm, None, DEFAULT_REFINE_STEPS), distill_steps)
         self.adaptation_ = result.as_dict()
         logger.info(
             "Adapted S on %d bulk samples: kept round %d of %d (held-out error %.4g -> %.4g).",
@@ -688,16 +707,30 @@ class HPVADE(BaseModelClass):
     def _deconvolve(
         self, cpm: np.ndarray, batch_size: int | None, refine_steps: int
     ) -> np.ndarray:
+        """The network's proportions, then fitted to the bulk with the model's S.
+
+        Unadapted: ``refine_steps`` Adam steps on the Anscombe-scale bulk loss. Adapted
+        (``gene_weights_`` set): the exact gene-weighted least squares that :meth:`adapt`
+        fitted S with. ``refine_steps=0`` returns the network's output as is.
+        """
         batch_size = batch_size or 1024
         self.module.eval()
         device = self.module.device
+        adapted = refine_steps > 0 and self.gene_weights_ is not None
+        if adapted:
+            signature = self.module.signature().detach().cpu().double().numpy()
+            weights = np.asarray(self.gene_weights_, dtype=float)
         parts = []
         for start in range(0, cpm.shape[0], batch_size):
             chunk = torch.as_tensor(cpm[start : start + batch_size], dtype=torch.float32)
             chunk = chunk.to(device)
             with torch.no_grad():
                 proportions = self.module.deconvolve(chunk)
-            if refine_steps > 0:
+            if adapted:
+                initial = proportions.double().cpu().numpy()
+                rows = np.asarray(cpm[start : start + batch_size], dtype=float)
+                proportions = torch.as_tensor(weighted_nnls(rows, signature, weights, initial))
+            elif refine_steps > 0:
                 proportions = self.module.refine_proportions(chunk, proportions, refine_steps)
             parts.append(proportions.double().cpu())
         proportions = torch.cat(parts).numpy()
