@@ -243,6 +243,13 @@ def ratio(table: pd.DataFrame, cells: int, slow: str, fast: str) -> float:
     return float(sel[slow] / sel[fast])
 
 
+def accelerator() -> str:
+    """The GPU that training uses (Lightning's accelerator="auto"), or "no GPU"."""
+    if torch.cuda.is_available():
+        return f"GPU {torch.cuda.get_device_name(0)} (training runs on it)"
+    return "no GPU"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", default="10000,100000,1000000")
@@ -267,7 +274,7 @@ def main() -> None:
         "",
         f"Date: {datetime.date.today()}. Python {platform.python_version()}, torch "
         f"{torch.__version__} ({torch.get_num_threads()} threads), scvi-tools {scvi.__version__}, "
-        f"hpvade {hpvade.__version__}. Machine: {os.cpu_count()} CPU cores, no GPU. "
+        f"hpvade {hpvade.__version__}. Machine: {os.cpu_count()} CPU cores, {accelerator()}. "
         f"Run time {time.perf_counter() - started:.0f} s.",
         "",
         "Synthetic references (`synthetic_reference` in `benchmarks/scale.py`): 5,000 genes, 20 "

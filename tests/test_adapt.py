@@ -11,7 +11,7 @@ from hpvade.model._adaptation import gene_noise_weights, weighted_nnls
 from .conftest import LABELS
 
 #: Measured on this suite's 60-epoch model and 120 held-out clean pseudobulks: NNLS r = 0.65,
-#: adapted hpvade r = 0.94 (60 rounds); the margin guards against regressions.
+#: adapted hpvade r = 0.94 (40 rounds); the margin guards against regressions.
 ADAPT_MARGIN_OVER_NNLS = 0.15
 #: Same model, 50 held-out pseudobulks, each gene of each sample × exp(N(0, 0.3^2)) (the
 #: benchmark's scenario 6): alternating NNLS r = 0.69, unadapted 0.72, adapted 0.91.
