@@ -722,18 +722,18 @@ class HPVADE(BaseModelClass):
             weights = np.asarray(self.gene_weights_, dtype=float)
         parts = []
         for start in range(0, cpm.shape[0], batch_size):
-            chunk = torch.as_tensor(cpm[start : start + batch_size], dtype=torch.float32)
-            chunk = chunk.to(device)
+            rows = np.asarray(cpm[start : start + batch_size], dtype=float)
+            chunk = torch.as_tensor(rows, dtype=torch.float32, device=device)
             with torch.no_grad():
                 proportions = self.module.deconvolve(chunk)
             if adapted:
                 initial = proportions.double().cpu().numpy()
-                rows = np.asarray(cpm[start : start + batch_size], dtype=float)
-                proportions = torch.as_tensor(weighted_nnls(rows, signature, weights, initial))
-            elif refine_steps > 0:
+                parts.append(weighted_nnls(rows, signature, weights, initial))
+                continue
+            if refine_steps > 0:
                 proportions = self.module.refine_proportions(chunk, proportions, refine_steps)
-            parts.append(proportions.double().cpu())
-        proportions = torch.cat(parts).numpy()
+            parts.append(proportions.double().cpu().numpy())
+        proportions = np.concatenate(parts)
         return proportions / proportions.sum(axis=1, keepdims=True)
 
     @torch.inference_mode()
