@@ -5,6 +5,8 @@ from __future__ import annotations
 import numpy as np
 from anndata import AnnData
 
+from hpvade.data._split import first_of_each_type as _first_of_each_type
+
 PBMC_LABELS_KEY = "bulk_labels"
 
 
@@ -46,12 +48,10 @@ def split_by_type(
     -------
     ``(first, second)`` AnnData copies; every cell is in exactly one of them.
     """
-    rng = np.random.default_rng(seed)
     codes = adata.obs[labels_key].astype("category").cat.codes.to_numpy()
-    first = np.zeros(adata.n_obs, dtype=bool)
-    for t in np.unique(codes):
-        cells = rng.permutation(np.flatnonzero(codes == t))
-        n_first = int(round(fraction * cells.size))
-        n_first = min(max(n_first, 1), max(cells.size - 1, 1))
-        first[cells[:n_first]] = True
+    first = _first_of_each_type(
+        codes,
+        lambda n: min(max(int(round(fraction * n)), 1), max(n - 1, 1)),
+        np.random.default_rng(seed),
+    )
     return adata[first].copy(), adata[~first].copy()

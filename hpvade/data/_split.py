@@ -2,7 +2,24 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
+
+
+def first_of_each_type(
+    codes: np.ndarray, count: Callable[[int], int], rng: np.random.Generator
+) -> np.ndarray:
+    """Mask of ``count(n)`` random cells of each type (n: the type's cells).
+
+    Types are visited in sorted code order, one permutation each, so a seed gives the same
+    cells whichever split uses it. Loops over types, not cells.
+    """
+    chosen = np.zeros(codes.size, dtype=bool)
+    for t in np.unique(codes):
+        cells = rng.permutation(np.flatnonzero(codes == t))
+        chosen[cells[: count(cells.size)]] = True
+    return chosen
 
 
 def stratified_split(
@@ -10,16 +27,11 @@ def stratified_split(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Split cell indices per type; every type keeps at least one training cell.
 
-    Returns sorted ``(train_idx, val_idx)``. Loops over types, not cells.
+    Returns sorted ``(train_idx, val_idx)``.
     """
     if not 0 < train_size <= 1:
         raise ValueError(f"`train_size` must be in (0, 1], got {train_size}.")
-    val_parts = []
-    for t in np.unique(codes):
-        cells = rng.permutation(np.flatnonzero(codes == t))
-        n_val = min(int(round((1 - train_size) * cells.size)), cells.size - 1)
-        val_parts.append(cells[:n_val])
-    val_idx = np.sort(np.concatenate(val_parts)) if val_parts else np.array([], dtype=np.int64)
-    train_mask = np.ones(codes.size, dtype=bool)
-    train_mask[val_idx] = False
-    return np.flatnonzero(train_mask), val_idx.astype(np.int64)
+    validation = first_of_each_type(
+        codes, lambda n: min(int(round((1 - train_size) * n)), n - 1), rng
+    )
+    return np.flatnonzero(~validation), np.flatnonzero(validation).astype(np.int64)
