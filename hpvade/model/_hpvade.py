@@ -420,8 +420,9 @@ class HPVADE(BaseModelClass):
     ) -> np.ndarray:
         """Proportions re-fitted under each perturbed signature (draws × samples × types);
         with ``gene_weights`` (an adapted model) by the weighted least squares of ``adapt``."""
-        cpm_t = torch.as_tensor(cpm, dtype=torch.float32)
-        initial = torch.as_tensor(estimate, dtype=torch.float32)
+        if gene_weights is None:
+            cpm_t = torch.as_tensor(cpm, dtype=torch.float32)
+            initial = torch.as_tensor(estimate, dtype=torch.float32)
         draws = []
         for ratio in ratios:
             perturbed = signature * ratio
@@ -454,7 +455,7 @@ class HPVADE(BaseModelClass):
         rng = np.random.default_rng(settings.seed or 0)
         signature = self.module.signature().detach().cpu().double().numpy()
         ratios = self._signature_ratios(n_samples, rng)
-        weights = self.gene_weights_ if refine_steps > 0 else None
+        weights = self._fit_weights(refine_steps)
         steps = max(refine_steps, 1)
         draws = self._proportion_draws(cpm, signature, mixture, ratios, steps, weights)
         draws = np.stack([self._convert_kind(d, kind) for d in draws])
@@ -704,6 +705,13 @@ class HPVADE(BaseModelClass):
                 optimizer.step()
         module.eval()
 
+    def _fit_weights(self, refine_steps: int) -> np.ndarray | None:
+        """Gene weights of the weighted fit, or None where proportions are refined instead
+        (an unadapted model) or not fitted at all (``refine_steps=0``)."""
+        if refine_steps <= 0 or self.gene_weights_ is None:
+            return None
+        return np.asarray(self.gene_weights_, dtype=float)
+
     def _deconvolve(
         self, cpm: np.ndarray, batch_size: int | None, refine_steps: int
     ) -> np.ndarray:
@@ -716,17 +724,16 @@ class HPVADE(BaseModelClass):
         batch_size = batch_size or 1024
         self.module.eval()
         device = self.module.device
-        adapted = refine_steps > 0 and self.gene_weights_ is not None
-        if adapted:
+        weights = self._fit_weights(refine_steps)
+        if weights is not None:
             signature = self.module.signature().detach().cpu().double().numpy()
-            weights = np.asarray(self.gene_weights_, dtype=float)
         parts = []
         for start in range(0, cpm.shape[0], batch_size):
             rows = np.asarray(cpm[start : start + batch_size], dtype=float)
             chunk = torch.as_tensor(rows, dtype=torch.float32, device=device)
             with torch.no_grad():
                 proportions = self.module.deconvolve(chunk)
-            if adapted:
+            if weights is not None:
                 initial = proportions.double().cpu().numpy()
                 parts.append(weighted_nnls(rows, signature, weights, initial))
                 continue
