@@ -48,7 +48,12 @@ def pbmc_split() -> tuple[ad.AnnData, ad.AnnData]:
 
 def simulate(test, n_samples=300, alpha=1.0, seed=1) -> ad.AnnData:
     return hpvade.pp.simulate_pseudobulk(
-        test, PBMC_LABELS_KEY, n_samples=n_samples, cells_per_sample=500, alpha=alpha, seed=seed
+        test,
+        PBMC_LABELS_KEY,
+        n_pseudobulk=n_samples,
+        cells_per_pseudobulk=500,
+        dirichlet_alpha=alpha,
+        seed=seed,
     )
 
 

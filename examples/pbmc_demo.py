@@ -34,7 +34,12 @@ def main(
     cells = hpvade.datasets.pbmc68k_reference()
     ref, test = hpvade.datasets.split_by_type(cells, PBMC_LABELS_KEY, fraction=0.5, seed=SEED)
     bulk = hpvade.pp.simulate_pseudobulk(
-        test, PBMC_LABELS_KEY, n_samples=n_samples, cells_per_sample=500, alpha=1.0, seed=SEED + 1
+        test,
+        PBMC_LABELS_KEY,
+        n_pseudobulk=n_samples,
+        cells_per_pseudobulk=500,
+        dirichlet_alpha=1.0,
+        seed=SEED + 1,
     )
     truth = bulk.obsm["proportions"]
     print(f"reference: {ref.n_obs} cells, test pseudobulks: {bulk.n_obs} from {test.n_obs} cells")

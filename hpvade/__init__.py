@@ -2,11 +2,23 @@
 
 import logging
 
-from hpvade import baselines, datasets, metrics, pl, pp
+from hpvade import baselines, datasets, metrics, pl, pp, tl
+from hpvade._exceptions import NonFiniteLossError, ScaleMismatchError
 from hpvade.model import HPVADE
 
 __version__ = "0.1.0"
 
 logging.getLogger(__name__).addHandler(logging.NullHandler())
 
-__all__ = ["HPVADE", "__version__", "baselines", "datasets", "metrics", "pl", "pp"]
+__all__ = [
+    "HPVADE",
+    "NonFiniteLossError",
+    "ScaleMismatchError",
+    "__version__",
+    "baselines",
+    "datasets",
+    "metrics",
+    "pl",
+    "pp",
+    "tl",
+]

@@ -18,3 +18,7 @@ PSEUDOBULK_RNA_PROPORTIONS_KEY = "rna_proportions"
 UNEXPLAINED_KEY = "hpvade_unexplained"
 UNEXPLAINED_SCORE_KEY = "hpvade_unexplained_score"
 GENE_REPORT_KEY = "hpvade_gene_report"
+ESTIMATOR_KEY = "hpvade_estimator"
+
+#: Names of the loss terms, as logged (``<name>_train`` / ``<name>_validation``).
+LOSS_TERMS = ("reconstruction_loss", "kl_local", "prototype_loss", "bulk_loss", "proportion_loss")

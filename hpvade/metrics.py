@@ -17,7 +17,7 @@ def _aligned(pred, true) -> tuple[np.ndarray, np.ndarray, pd.Index]:
     pred, true = np.asarray(pred, float), np.asarray(true, float)
     if pred.shape != true.shape:
         raise ValueError(f"Shapes differ: predicted {pred.shape}, true {true.shape}.")
-    return pred, true, pd.RangeIndex(pred.shape[1])
+    return pred, true, pd.RangeIndex(pred.shape[-1] if pred.ndim > 1 else 1)
 
 
 def _pearson(x: np.ndarray, y: np.ndarray) -> float:

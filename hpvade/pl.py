@@ -6,15 +6,17 @@ Each function takes ``ax`` (draw into existing Axes), ``show`` (show the figure 
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 
 import numpy as np
 import pandas as pd
 from anndata import AnnData
 
-from hpvade import metrics
-from hpvade._constants import PROPORTIONS_KEY
-from hpvade.module._hpvade import LOSS_TERMS
+from hpvade import metrics, tl
+from hpvade._constants import LOSS_TERMS, PROPORTIONS_KEY
+
+__all__ = ["predicted_vs_true", "proportions", "signature_heatmap", "training_history"]
 
 #: Scale-check entries recorded on the first training batch (see ``HPVADE.scale_check_``).
 SCALE_CHECK_KEYS = ("scale_bulk", "scale_signature", "scale_reconstruction", "scale_ratio")
@@ -184,8 +186,7 @@ def predicted_vs_true(
     for panel, column, color in zip(axes, pred.columns, colors, strict=True):
         p, t = pred[column].to_numpy(float), true[column].to_numpy(float)
         _scatter_panel(panel, p, t, color, str(column))
-        r = np.corrcoef(p, t)[0, 1] if p.std() > 0 and t.std() > 0 else float("nan")
-        rmse = float(np.sqrt(np.mean((p - t) ** 2)))
+        r, rmse = metrics.pearson(p, t), metrics.rmse(p, t)
         panel.set_title(f"{column}\nr={r:.2f}  RMSE={rmse:.3f}", fontsize=8)
         panel.tick_params(labelsize=6)
     axes[0].set_ylabel("predicted")
@@ -197,31 +198,14 @@ def predicted_vs_true(
 
 
 def marker_genes(signature: pd.DataFrame, n_genes: int = 5) -> pd.Series:
-    """Top ``n_genes`` marker genes per type: largest log fold change of S against the highest
-    other type (so a marker is specific, not only above average).
-
-    Parameters
-    ----------
-    signature
-        Genes × types signature (CPM), e.g. from :func:`hpvade.pp.build_signature`.
-    n_genes
-        Genes per type.
-
-    Returns
-    -------
-    Series mapping each selected gene to its type, grouped by type in column order.
-    """
-    values = np.log1p(signature.to_numpy(dtype=float))
-    fold = np.empty_like(values)
-    for j in range(values.shape[1]):
-        fold[:, j] = values[:, j] - np.delete(values, j, axis=1).max(axis=1)
-    chosen, owners = [], []
-    for j, column in enumerate(signature.columns):
-        order = np.argsort(-fold[:, j], kind="stable")
-        picked = [g for g in order if signature.index[g] not in chosen][:n_genes]
-        chosen += [signature.index[g] for g in picked]
-        owners += [column] * len(picked)
-    return pd.Series(owners, index=pd.Index(chosen, name="gene"), name="cell_type")
+    """Deprecated alias of :func:`hpvade.tl.marker_genes` (not a plot); removed in 0.3."""
+    warnings.warn(
+        "`hpvade.pl.marker_genes` moved to `hpvade.tl.marker_genes` in hpvade 0.2 (it is not a "
+        "plot); the old name stops working in 0.3.",
+        FutureWarning,
+        stacklevel=2,
+    )
+    return tl.marker_genes(signature, n_genes)
 
 
 def signature_heatmap(
@@ -256,7 +240,7 @@ def signature_heatmap(
     """
     if hasattr(signature, "get_signature"):
         signature = signature.get_signature()
-    markers = marker_genes(signature, n_genes)
+    markers = tl.marker_genes(signature, n_genes)
     block = np.log10(1.0 + signature.loc[markers.index].to_numpy(dtype=float))
     ax = _new_axes(ax, (0.45 * signature.shape[1] + 2.5, 0.16 * len(markers) + 1.5))
     image = ax.imshow(block, aspect="auto", cmap="viridis", interpolation="nearest")

@@ -40,7 +40,7 @@ def trained(pbmc_split):
 def test_bulk(pbmc_split):
     """Held-out pseudobulks simulated from the test half only."""
     return hpvade.pp.simulate_pseudobulk(
-        pbmc_split[1], LABELS, n_samples=120, cells_per_sample=500, seed=1
+        pbmc_split[1], LABELS, n_pseudobulk=120, cells_per_pseudobulk=500, seed=1
     )
 
 

@@ -40,7 +40,7 @@ def _rmse(a, b):
 def test_cell_and_rna_fractions_with_a_count_layer():
     reference, held_out = hpvade.datasets.split_by_type(_rna_reference(), "cell_type", 0.5, 0)
     bulk = hpvade.pp.simulate_pseudobulk(
-        held_out, "cell_type", n_samples=100, layer="counts", counts=True, seed=3
+        held_out, "cell_type", n_pseudobulk=100, counts_layer="counts", seed=3
     )
     cell_truth, rna_truth = bulk.obsm["proportions"], bulk.obsm["rna_proportions"]
     # the two truths differ: RNA-rich types take a larger share of the RNA
@@ -53,7 +53,7 @@ def test_cell_and_rna_fractions_with_a_count_layer():
         warnings.simplefilter("ignore")
         cells = model.get_proportions(bulk.copy())
         rna = model.get_proportions(bulk.copy(), kind="rna")
-    signature = hpvade.pp.build_signature(reference, "cell_type", layer="counts", counts=True)
+    signature = hpvade.pp.build_signature(reference, "cell_type", counts_layer="counts")
     nnls = hpvade.baselines.nnls_proportions(bulk.X, signature)
 
     assert _rmse(cells, cell_truth) <= 0.03
@@ -81,7 +81,7 @@ def missing_type_model(pbmc_split):
 
 @pytest.fixture(scope="module")
 def flag_bulk(pbmc_split):
-    return hpvade.pp.simulate_pseudobulk(pbmc_split[1], LABELS, n_samples=300, seed=1)
+    return hpvade.pp.simulate_pseudobulk(pbmc_split[1], LABELS, n_pseudobulk=300, seed=1)
 
 
 def test_flag_catches_a_missing_type_and_spares_a_complete_reference(
@@ -142,7 +142,7 @@ def test_intervals_are_calibrated_and_wider_where_errors_are_larger(trained, tes
     bulk = test_bulk.copy()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        estimate = trained.get_proportions(bulk, n_samples=20).to_numpy()
+        estimate = trained.get_proportions(bulk, n_draws=20).to_numpy()
     lower = bulk.obsm["hpvade_proportions_lower"].to_numpy()
     upper = bulk.obsm["hpvade_proportions_upper"].to_numpy()
     spread = bulk.obsm["hpvade_proportions_std"].to_numpy()

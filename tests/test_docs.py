@@ -6,15 +6,15 @@ from pathlib import Path
 import pytest
 
 import hpvade
-from hpvade import baselines, datasets, metrics, pl, pp
+from hpvade import baselines, datasets, metrics, pl, pp, tl
 from hpvade.module import HPVADEModule
-from hpvade.train import HPVADETrainingPlan, NonFiniteLossError, ScaleMismatchError
+from hpvade.train import HPVADETrainingPlan
 
 API_PAGE = Path(__file__).resolve().parents[1] / "docs" / "api.md"
 
 
 def _public_functions():
-    for module in (pp, pl, metrics, baselines, datasets):
+    for module in (pp, pl, tl, metrics, baselines, datasets):
         for name in getattr(module, "__all__", None) or dir(module):
             obj = getattr(module, name)
             if name.startswith("_") or not inspect.isfunction(obj):
@@ -27,8 +27,8 @@ CLASSES = {
     "HPVADE": hpvade.HPVADE,
     "module.HPVADEModule": HPVADEModule,
     "train.HPVADETrainingPlan": HPVADETrainingPlan,
-    "train.ScaleMismatchError": ScaleMismatchError,
-    "train.NonFiniteLossError": NonFiniteLossError,
+    "ScaleMismatchError": hpvade.ScaleMismatchError,
+    "NonFiniteLossError": hpvade.NonFiniteLossError,
 }
 PUBLIC = dict(_public_functions()) | CLASSES
 
@@ -68,3 +68,71 @@ def test_public_methods_of_the_model_are_documented():
             continue
         doc = inspect.getdoc(member) or ""
         assert doc.strip(), f"HPVADE.{name} has no docstring"
+
+
+def test_no_private_scvi_tools_import():
+    """scvi-tools' private modules (``scvi.x._y``) can move between releases: none is used."""
+    package = Path(hpvade.__file__).parent
+    offending = [
+        f"{path.relative_to(package)}: {line.strip()}"
+        for path in package.rglob("*.py")
+        for line in path.read_text().splitlines()
+        if line.lstrip().startswith(("from scvi", "import scvi")) and "._" in line.split()[1]
+    ]
+    assert not offending, offending
+
+
+def test_layout_limits():
+    """One concept a file: the model class stays small, no file grows past 400 lines."""
+    package = Path(hpvade.__file__).parent
+    sizes = {
+        p.relative_to(package): len(p.read_text().splitlines()) for p in package.rglob("*.py")
+    }
+    assert sizes[Path("model/_hpvade.py")] <= 300
+    assert max(sizes.values()) <= 400, max(sizes.items(), key=lambda item: item[1])
+
+
+#: docs/contributing.md: which hpvade modules each layer may import (prefixes).
+LAYERS = {
+    ("_constants", "_exceptions", "_compat"): (),
+    ("_solvers", "_intervals", "_signature_fit", "data"): (
+        "_constants",
+        "_exceptions",
+        "_compat",
+        "_solvers",
+        "_intervals",
+        "_signature_fit",
+        "data",
+    ),
+    ("module",): ("_constants", "_exceptions", "_compat", "_solvers", "module"),
+    ("train",): ("_constants", "_exceptions", "module", "train"),
+    ("pp", "tl", "metrics", "baselines", "datasets", "pl"): (
+        "_constants",
+        "_compat",
+        "_solvers",
+        "data",
+        "metrics",
+        "tl",
+    ),
+}
+
+
+def test_import_rule():
+    """Lower layers never import higher ones; model mixins never import each other."""
+    import ast
+
+    package = Path(hpvade.__file__).parent
+    for path in package.rglob("*.py"):
+        name = ".".join(path.relative_to(package).with_suffix("").parts)
+        imported = [
+            node.module.removeprefix("hpvade.")
+            for node in ast.walk(ast.parse(path.read_text()))
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("hpvade.")
+        ]
+        for layer, allowed in LAYERS.items():
+            if name.split(".")[0] in layer:
+                bad = [m for m in imported if not m.startswith(allowed)]
+                assert not bad, f"{name} imports {bad}"
+        if name.startswith("model._") and name not in ("model._hpvade", "model.__init__"):
+            mixins = [m for m in imported if m.startswith("model.") and m != "model._fitted_state"]
+            assert not mixins, f"{name} imports other model files: {mixins}"

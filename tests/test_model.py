@@ -9,7 +9,7 @@ import scvi
 import torch
 
 import hpvade
-from hpvade.train import NonFiniteLossError, ScaleMismatchError
+from hpvade import NonFiniteLossError, ScaleMismatchError
 
 from .conftest import LABELS, make_reference
 
@@ -126,33 +126,35 @@ def test_save_load_roundtrip(trained, test_bulk, tmp_path):
     )
 
 
+def _pool(adata, factor):
+    """A training pool of pseudobulks, CPM times ``factor``, as the plan takes it."""
+    pb = hpvade.pp.simulate_pseudobulk(adata, "cell_type", n_pseudobulk=64, seed=0)
+    cpm = torch.as_tensor(pb.X * factor, dtype=torch.float32)
+    return cpm, torch.as_tensor(pb.obsm["proportions"].to_numpy(), dtype=torch.float32)
+
+
 def test_mis_scaled_bulk_is_seen_on_the_first_batch():
     """Failure mode 4: a bulk 100x off the reconstruction's scale warns, or raises if strict."""
     adata = make_reference()
     hpvade.HPVADE.setup_anndata(adata, labels_key="cell_type")
     model = hpvade.HPVADE(adata, n_hidden=16, n_latent=4)
-    original = model._simulate_pool
-
-    def mis_scaled(*args, **kwargs):
-        cpm, props = original(*args, **kwargs)
-        return cpm * 100, props
-
-    model._simulate_pool = mis_scaled
+    plan_kwargs = {"pseudobulk_train": _pool(adata, 100)}
     with pytest.warns(UserWarning, match=r"SEVERE.*scale_ratio 100"):
-        _quiet_train(model, max_epochs=1, n_pseudobulk=64)
+        _quiet_train(model, max_epochs=1, n_pseudobulk=64, plan_kwargs=plan_kwargs)
     assert model.scale_check_["scale_ratio"] == pytest.approx(100, rel=1e-3)
     with pytest.raises(ScaleMismatchError, match="different scales"):
-        _quiet_train(model, max_epochs=1, n_pseudobulk=64, strict_scale_check=True)
+        _quiet_train(
+            model, max_epochs=1, n_pseudobulk=64, strict_scale_check=True, plan_kwargs=plan_kwargs
+        )
 
 
 def test_moderate_scale_gap_warns_without_severe():
     adata = make_reference()
     hpvade.HPVADE.setup_anndata(adata, labels_key="cell_type")
     model = hpvade.HPVADE(adata, n_hidden=16, n_latent=4)
-    original = model._simulate_pool
-    model._simulate_pool = lambda *a, **k: (original(*a, **k)[0] * 3, original(*a, **k)[1])
+    plan_kwargs = {"pseudobulk_train": _pool(adata, 3)}
     with pytest.warns(UserWarning, match=r"^Bulk and reconstructed bulk.*scale_ratio 3"):
-        _quiet_train(model, max_epochs=1, n_pseudobulk=64)
+        _quiet_train(model, max_epochs=1, n_pseudobulk=64, plan_kwargs=plan_kwargs)
 
 
 def test_nan_loss_stops_training_naming_the_term():
@@ -165,7 +167,16 @@ def test_nan_loss_stops_training_naming_the_term():
         _quiet_train(model, max_epochs=2, n_pseudobulk=64)
 
 
-def test_seed_makes_training_reproducible(test_bulk):
+@pytest.fixture
+def one_thread():
+    """Multi-threaded CPU kernels add run-to-run rounding (README); one thread is exact."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_seed_makes_training_reproducible(test_bulk, one_thread):
     adata = make_reference()
     hpvade.HPVADE.setup_anndata(adata, labels_key="cell_type")
     results = []
@@ -177,10 +188,10 @@ def test_seed_makes_training_reproducible(test_bulk):
     np.testing.assert_array_equal(results[0], results[1])
 
 
-def test_same_seed_gives_identical_proportions(test_bulk):
+def test_same_seed_gives_identical_proportions(test_bulk, one_thread):
     adata = make_reference()
     hpvade.HPVADE.setup_anndata(adata, labels_key="cell_type")
-    bulk = hpvade.pp.simulate_pseudobulk(adata, "cell_type", n_samples=10, seed=3)
+    bulk = hpvade.pp.simulate_pseudobulk(adata, "cell_type", n_pseudobulk=10, seed=3)
     results = []
     for _ in range(2):
         scvi.settings.seed = 11

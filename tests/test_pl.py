@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 
 import hpvade
-from hpvade.module._hpvade import LOSS_TERMS
+from hpvade.module import LOSS_TERMS
 
 
 @pytest.fixture(scope="module")
@@ -74,7 +74,7 @@ def test_signature_heatmap_shows_markers_of_each_type(trained, tmp_path):
     image = ax.images[0].get_array()
     assert image.shape == (3 * signature.shape[1], signature.shape[1])
     assert [t.get_text() for t in ax.get_xticklabels()] == list(signature.columns)
-    markers = hpvade.pl.marker_genes(signature, 3)
+    markers = hpvade.tl.marker_genes(signature, 3)
     assert [t.get_text() for t in ax.get_yticklabels()] == list(markers.index)
     # a type's markers are highest in that type's own column
     for gene, cell_type in markers.items():

@@ -63,7 +63,12 @@ def test_signature_properties(adata, seed):
 )
 def test_pseudobulk_properties(adata, n_samples, cells, alpha, seed):
     pb = hpvade.pp.simulate_pseudobulk(
-        adata, "cell_type", n_samples=n_samples, cells_per_sample=cells, alpha=alpha, seed=seed
+        adata,
+        "cell_type",
+        n_pseudobulk=n_samples,
+        cells_per_pseudobulk=cells,
+        dirichlet_alpha=alpha,
+        seed=seed,
     )
     x = _dense(pb.X)
     np.testing.assert_allclose(x.sum(1), 1e6, rtol=1e-5)
@@ -73,7 +78,12 @@ def test_pseudobulk_properties(adata, n_samples, cells, alpha, seed):
     # recorded proportions are sampled cell fractions: whole cells out of `cells`
     np.testing.assert_allclose(props * cells, np.round(props * cells), atol=1e-9)
     again = hpvade.pp.simulate_pseudobulk(
-        adata, "cell_type", n_samples=n_samples, cells_per_sample=cells, alpha=alpha, seed=seed
+        adata,
+        "cell_type",
+        n_pseudobulk=n_samples,
+        cells_per_pseudobulk=cells,
+        dirichlet_alpha=alpha,
+        seed=seed,
     )
     np.testing.assert_array_equal(_dense(again.X), x)
     np.testing.assert_array_equal(again.obsm["proportions"].to_numpy(), props)

@@ -9,7 +9,9 @@ from .conftest import LABELS, make_reference
 
 
 def test_rows_are_cpm_and_fractions_are_recorded(pbmc):
-    pb = hpvade.pp.simulate_pseudobulk(pbmc, LABELS, n_samples=40, cells_per_sample=200, seed=3)
+    pb = hpvade.pp.simulate_pseudobulk(
+        pbmc, LABELS, n_pseudobulk=40, cells_per_pseudobulk=200, seed=3
+    )
     assert pb.shape == (40, pbmc.n_vars)
     np.testing.assert_allclose(pb.X.sum(1), 1e6, rtol=1e-5)
     props = pb.obsm["proportions"]
@@ -20,9 +22,9 @@ def test_rows_are_cpm_and_fractions_are_recorded(pbmc):
 
 
 def test_same_seed_same_output_different_seed_differs(pbmc):
-    a = hpvade.pp.simulate_pseudobulk(pbmc, LABELS, n_samples=10, seed=5)
-    b = hpvade.pp.simulate_pseudobulk(pbmc, LABELS, n_samples=10, seed=5)
-    c = hpvade.pp.simulate_pseudobulk(pbmc, LABELS, n_samples=10, seed=6)
+    a = hpvade.pp.simulate_pseudobulk(pbmc, LABELS, n_pseudobulk=10, seed=5)
+    b = hpvade.pp.simulate_pseudobulk(pbmc, LABELS, n_pseudobulk=10, seed=5)
+    c = hpvade.pp.simulate_pseudobulk(pbmc, LABELS, n_pseudobulk=10, seed=6)
     np.testing.assert_array_equal(a.X, b.X)
     assert not np.allclose(a.X, c.X)
 
@@ -30,7 +32,9 @@ def test_same_seed_same_output_different_seed_differs(pbmc):
 def test_mixing_is_linear_in_signature_space():
     """With one cell per type, a pseudobulk is exactly p @ S.T of those cells' profiles."""
     adata = make_reference(n_cells=3, n_types=3)
-    pb = hpvade.pp.simulate_pseudobulk(adata, "cell_type", n_samples=5, cells_per_sample=1000)
+    pb = hpvade.pp.simulate_pseudobulk(
+        adata, "cell_type", n_pseudobulk=5, cells_per_pseudobulk=1000
+    )
     x = np.expm1(adata.X.toarray().astype(float))
     per_type = x / x.sum(1, keepdims=True)  # each type has exactly one cell
     props = pb.obsm["proportions"].to_numpy()
@@ -42,13 +46,13 @@ def test_mixing_is_linear_in_signature_space():
 def test_counts_layer_and_dense_input():
     adata = make_reference(sparse=False)
     pb = hpvade.pp.simulate_pseudobulk(
-        adata, "cell_type", n_samples=6, layer="counts", counts=True, seed=0
+        adata, "cell_type", n_pseudobulk=6, counts_layer="counts", seed=0
     )
     np.testing.assert_allclose(pb.X.sum(1), 1e6, rtol=1e-5)
     adata_sparse = adata.copy()
     adata_sparse.layers["counts"] = sp.csr_matrix(adata.layers["counts"])
     pb2 = hpvade.pp.simulate_pseudobulk(
-        adata_sparse, "cell_type", n_samples=6, layer="counts", counts=True, seed=0
+        adata_sparse, "cell_type", n_pseudobulk=6, counts_layer="counts", seed=0
     )
     np.testing.assert_allclose(pb.X, pb2.X, rtol=1e-5)
 

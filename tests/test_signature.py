@@ -41,7 +41,7 @@ def test_per_cell_cpm_then_average_is_flat_and_useless_but_ours_is_not(pbmc):
     bad = np.stack([per_cell[labels == t].mean(0) for t in good.columns], axis=1)
     assert signature_spread(bad) < 0.75 * signature_spread(good.to_numpy())
 
-    pb = hpvade.pp.simulate_pseudobulk(pbmc, LABELS, n_samples=100, seed=0)
+    pb = hpvade.pp.simulate_pseudobulk(pbmc, LABELS, n_pseudobulk=100, seed=0)
     truth = pb.obsm["proportions"].to_numpy()
     r_good = hpvade.metrics.pearson(hpvade.baselines.nnls_proportions(pb.X, good), truth)
     r_bad = hpvade.metrics.pearson(hpvade.baselines.nnls_proportions(pb.X, bad), truth)
@@ -68,7 +68,7 @@ def test_formats_agree_and_chunks_do_not_matter(fmt):
 
 def test_counts_layer_is_summed_linearly():
     adata = make_reference()
-    S = hpvade.pp.build_signature(adata, "cell_type", layer="counts", counts=True)
+    S = hpvade.pp.build_signature(adata, "cell_type", counts_layer="counts")
     counts = adata.layers["counts"].toarray()
     mask = (adata.obs["cell_type"] == "type1").to_numpy()
     np.testing.assert_allclose(S["type1"], counts[mask].sum(0) / counts[mask].sum() * 1e6)

@@ -122,7 +122,7 @@ def test_public_calls_change_only_documented_keys(pbmc_split, trained, test_bulk
     ref = pbmc_split[0].copy()
     before = ref.copy()
     hpvade.pp.build_signature(ref, "bulk_labels")
-    hpvade.pp.simulate_pseudobulk(ref, "bulk_labels", n_samples=5)
+    hpvade.pp.simulate_pseudobulk(ref, "bulk_labels", n_pseudobulk=5)
     assert _same(ref, before)
 
     bulk = test_bulk.copy()
@@ -131,8 +131,9 @@ def test_public_calls_change_only_documented_keys(pbmc_split, trained, test_bulk
     assert set(bulk.obsm) - set(snapshot.obsm) == {"hpvade_proportions"}
     written = {"hpvade_fit_score", "hpvade_unexplained_score", "hpvade_unexplained"}
     assert set(bulk.obs.columns) - set(snapshot.obs.columns) == written
-    assert set(bulk.uns) - set(snapshot.uns) == {"hpvade_gene_report"}
+    assert set(bulk.uns) - set(snapshot.uns) == {"hpvade_gene_report", "hpvade_estimator"}
     del bulk.obsm["hpvade_proportions"], bulk.uns["hpvade_gene_report"]
+    del bulk.uns["hpvade_estimator"]
     bulk.obs = bulk.obs.drop(columns=list(written))
     assert _same(bulk, snapshot)
 
@@ -221,10 +222,34 @@ def test_pp_functions_validate_their_input(function):
     bad_counts = make_reference(sparse=False)
     bad_counts.layers["counts"][0, 0] = -1
     with pytest.raises(ValueError, match=r"layers\['counts'\].*non-negative"):
-        call(bad_counts, "cell_type", layer="counts", counts=True)
+        call(bad_counts, "cell_type", counts_layer="counts")
     with pytest.raises(KeyError, match="labels_key 'cell' is not a column"):
         call(make_reference(), "cell")
     dup = make_reference()
     dup.var_names = ["g"] * dup.n_vars
     with pytest.raises(ValueError, match="var_names are not unique"):
         call(dup, "cell_type")
+
+
+def test_renamed_keywords_keep_working_with_a_future_warning(pbmc):
+    new = hpvade.pp.simulate_pseudobulk(
+        pbmc, "bulk_labels", n_pseudobulk=4, cells_per_pseudobulk=50, dirichlet_alpha=0.5
+    )
+    with pytest.warns(FutureWarning, match="`n_samples` was renamed `n_pseudobulk`"):
+        old = hpvade.pp.simulate_pseudobulk(
+            pbmc, "bulk_labels", n_samples=4, cells_per_sample=50, alpha=0.5
+        )
+    np.testing.assert_array_equal(old.X, new.X)
+    with pytest.raises(TypeError, match="both `n_samples` and its new name"):
+        hpvade.pp.simulate_pseudobulk(pbmc, "bulk_labels", n_samples=4, n_pseudobulk=4)
+    with pytest.warns(FutureWarning, match="moved to `hpvade.tl.marker_genes`"):
+        markers = hpvade.pl.marker_genes(hpvade.pp.build_signature(pbmc, "bulk_labels"), 2)
+    assert len(markers) == 2 * pbmc.obs["bulk_labels"].nunique()
+
+
+def test_counts_layer_replaces_counts_flag():
+    adata = make_reference()
+    new = hpvade.pp.build_signature(adata, "cell_type", counts_layer="counts")
+    with pytest.warns(FutureWarning, match="`counts=True` was replaced by `counts_layer=`"):
+        old = hpvade.pp.build_signature(adata, "cell_type", layer="counts", counts=True)
+    pd.testing.assert_frame_equal(old, new)

@@ -1,6 +1,4 @@
-"""Data handling: signature building, pseudobulk simulation, chunked matrix access."""
+"""Data handling behind ``hpvade.pp`` and the model: signatures, pseudobulks, chunked access.
 
-from hpvade.data._pseudobulk import simulate_pseudobulk
-from hpvade.data._signature import build_signature
-
-__all__ = ["build_signature", "simulate_pseudobulk"]
+Internal: the public functions are in :mod:`hpvade.pp`.
+"""

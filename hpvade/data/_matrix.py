@@ -38,7 +38,7 @@ def iter_row_chunks(
     matrix = get_matrix(adata, layer)
     n = adata.n_obs
     if sp.issparse(matrix) and matrix.format == "csc":
-        # Row slices of CSC are slow: convert chunk-wise through a column-major gather.
+        # Row slices of CSC are slow: convert the whole matrix to CSR once (a copy).
         matrix = matrix.tocsr()
     for start in range(0, n, chunk_size):
         stop = min(start + chunk_size, n)

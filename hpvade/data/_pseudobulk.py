@@ -10,6 +10,7 @@ import pandas as pd
 import scipy.sparse as sp
 from anndata import AnnData
 
+from hpvade._compat import renamed_keywords
 from hpvade._constants import (
     CPM_SCALE,
     PSEUDOBULK_PROPORTIONS_KEY,
@@ -18,7 +19,7 @@ from hpvade._constants import (
 from hpvade.data._kernels import add_sampled_rows
 from hpvade.data._labels import get_label_codes
 from hpvade.data._matrix import DEFAULT_CHUNK_SIZE, iter_row_chunks, to_linear
-from hpvade.data._validation import validate_input
+from hpvade.data._validation import resolve_counts_layer, validate_input
 
 logger = logging.getLogger(__name__)
 
@@ -125,21 +126,26 @@ def cpm_rows(matrix: np.ndarray, inplace: bool = False) -> np.ndarray:
     return matrix / (totals / CPM_SCALE)
 
 
+@renamed_keywords(
+    n_samples="n_pseudobulk", cells_per_sample="cells_per_pseudobulk", alpha="dirichlet_alpha"
+)
 def simulate_pseudobulk(
     adata: AnnData,
     labels_key: str,
-    n_samples: int = 1000,
-    cells_per_sample: int = 500,
-    alpha: float = 1.0,
+    n_pseudobulk: int = 1000,
+    cells_per_pseudobulk: int = 500,
+    dirichlet_alpha: float = 1.0,
     layer: str | None = None,
     seed: int = 0,
     *,
+    counts_layer: str | None = None,
     counts: bool = False,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
 ) -> AnnData:
     """Simulate pseudobulk samples of known composition from a labelled reference.
 
-    Each sample draws cell-type proportions from a symmetric Dirichlet(``alpha``), draws the
+    Each sample draws cell-type proportions from a symmetric Dirichlet(``dirichlet_alpha``),
+    draws the
     number of cells of each type from a multinomial, samples that many cells of each type with
     replacement, sums their linear expression and scales the sum to CPM.
 
@@ -149,20 +155,22 @@ def simulate_pseudobulk(
         Reference (cells × genes); dense, sparse or ``backed="r"``.
     labels_key
         Column of ``adata.obs`` with cell-type labels.
-    n_samples
-        Number of pseudobulk samples.
-    cells_per_sample
-        Cells summed into each sample.
-    alpha
-        Dirichlet concentration; below 1 gives sparse mixtures.
+    n_pseudobulk
+        Number of pseudobulk samples (``n_samples`` before 0.2).
+    cells_per_pseudobulk
+        Cells summed into each sample (``cells_per_sample`` before 0.2).
+    dirichlet_alpha
+        Dirichlet concentration; below 1 gives sparse mixtures (``alpha`` before 0.2).
     layer
-        Layer with the data; ``None`` uses ``adata.X``.
+        Layer with log1p-normalised values; ``None`` uses ``adata.X``.
     seed
         Seed of the random generator; the same seed gives the same output.
+    counts_layer
+        Layer with raw counts, as in :meth:`hpvade.HPVADE.setup_anndata`: when given, counts
+        are summed as they are (instead of ``expm1`` of ``layer``), cells carry their own RNA
+        content, and the RNA fractions are recorded next to the cell fractions.
     counts
-        If ``True``, ``layer`` holds raw counts (summed as they are); otherwise it holds log1p
-        values and ``expm1`` is summed. With counts, cells carry their own RNA content, and
-        the RNA fractions are recorded next to the cell fractions.
+        Deprecated (use ``counts_layer``): ``True`` means ``layer`` holds raw counts.
     chunk_size
         Cells read at a time.
 
@@ -172,18 +180,19 @@ def simulate_pseudobulk(
     each type / ``cells_per_sample``) as a DataFrame in ``obsm["proportions"]``. With
     ``counts=True`` also ``obsm["rna_proportions"]``: each type's share of the sample's counts.
     """
-    if n_samples < 1 or cells_per_sample < 1:
-        raise ValueError("`n_samples` and `cells_per_sample` must be positive integers.")
-    if not alpha > 0:
-        raise ValueError(f"`alpha` must be positive, got {alpha}.")
+    if n_pseudobulk < 1 or cells_per_pseudobulk < 1:
+        raise ValueError("`n_pseudobulk` and `cells_per_pseudobulk` must be positive integers.")
+    if not dirichlet_alpha > 0:
+        raise ValueError(f"`dirichlet_alpha` must be positive, got {dirichlet_alpha}.")
+    layer, counts = resolve_counts_layer(layer, counts_layer, counts)
     codes, categories = get_label_codes(adata, labels_key)
     validate_input(adata, layer, counts)
     rng = np.random.default_rng(seed)
     cell_counts, fractions = sample_cell_counts(
-        codes, len(categories), n_samples, cells_per_sample, alpha, rng
+        codes, len(categories), n_pseudobulk, cells_per_pseudobulk, dirichlet_alpha, rng
     )
     mixed = cpm_rows(mix_cells(adata, cell_counts, layer, not counts, chunk_size), inplace=True)
-    obs_names = pd.Index([f"pseudobulk_{i}" for i in range(n_samples)])
+    obs_names = pd.Index([f"pseudobulk_{i}" for i in range(n_pseudobulk)])
     result = ad.AnnData(
         X=mixed.astype(np.float32),
         obs=pd.DataFrame(index=obs_names),
@@ -201,9 +210,9 @@ def simulate_pseudobulk(
         )
     result.uns["hpvade_simulation"] = {
         "labels_key": labels_key,
-        "cells_per_sample": int(cells_per_sample),
-        "alpha": float(alpha),
+        "cells_per_pseudobulk": int(cells_per_pseudobulk),
+        "dirichlet_alpha": float(dirichlet_alpha),
         "seed": int(seed),
     }
-    logger.info("Simulated %d pseudobulks of %d cells.", n_samples, cells_per_sample)
+    logger.info("Simulated %d pseudobulks of %d cells.", n_pseudobulk, cells_per_pseudobulk)
     return result

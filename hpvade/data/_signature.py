@@ -12,7 +12,7 @@ from anndata import AnnData
 from hpvade._constants import CPM_SCALE
 from hpvade.data._labels import get_label_codes, indicator_matrix
 from hpvade.data._matrix import DEFAULT_CHUNK_SIZE, iter_row_chunks, to_linear
-from hpvade.data._validation import validate_input
+from hpvade.data._validation import resolve_counts_layer, validate_input
 
 logger = logging.getLogger(__name__)
 
@@ -75,6 +75,7 @@ def build_signature(
     labels_key: str,
     layer: str | None = None,
     *,
+    counts_layer: str | None = None,
     counts: bool = False,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
 ) -> pd.DataFrame:
@@ -92,8 +93,11 @@ def build_signature(
         Column of ``adata.obs`` with cell-type labels.
     layer
         Layer with log1p-normalised values; ``None`` uses ``adata.X``.
+    counts_layer
+        Layer with raw counts, as in :meth:`hpvade.HPVADE.setup_anndata`: when given, counts
+        are summed as they are instead of ``expm1`` of ``layer``.
     counts
-        If ``True``, ``layer`` holds raw (linear) counts and is summed as is.
+        Deprecated (use ``counts_layer``): ``True`` means ``layer`` holds raw counts.
     chunk_size
         Cells read at a time; bounds the extra memory.
 
@@ -106,6 +110,7 @@ def build_signature(
     >>> S = hpvade.pp.build_signature(ref, labels_key="cell_type")
     >>> S.sum(axis=0)  # 1e6 for every type
     """
+    layer, counts = resolve_counts_layer(layer, counts_layer, counts)
     codes, categories = get_label_codes(adata, labels_key)
     validate_input(adata, layer, counts)
     aggregate = aggregate_by_type(

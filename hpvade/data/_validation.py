@@ -5,8 +5,10 @@ from __future__ import annotations
 import warnings
 
 import numpy as np
+import pandas as pd
 import scipy.sparse as sp
 from anndata import AnnData
+from scvi import REGISTRY_KEYS
 
 from hpvade.data._matrix import iter_row_chunks
 
@@ -38,29 +40,28 @@ def warn_on_sparse_types_genes_and_cells(
     """Warn about types with a single cell, genes never expressed, cells without counts."""
     sizes = np.bincount(codes, minlength=len(categories))
     single = [str(categories[t]) for t in np.flatnonzero(sizes == 1)]
-    if single:
-        warnings.warn(
-            f"Cell types {single} have a single reference cell: their profiles rest on one cell "
-            "and will be noisy. Merge or drop them if you can.",
-            UserWarning,
-            stacklevel=3,
-        )
-    n_zero_genes = int((gene_totals == 0).sum())
-    if n_zero_genes:
-        warnings.warn(
-            f"{n_zero_genes} of {adata.n_vars} genes are zero in every reference cell; they carry "
-            "no information. Consider `sc.pp.filter_genes(adata, min_cells=1)` before setup.",
-            UserWarning,
-            stacklevel=3,
-        )
-    n_zero_cells = int((cell_totals == 0).sum())
-    if n_zero_cells:
-        warnings.warn(
+    n_zero_genes, n_zero_cells = int((gene_totals == 0).sum()), int((cell_totals == 0).sum())
+    problems = [
+        (
+            single,
+            f"Cell types {single} have a single reference cell: their profiles rest on one "
+            "cell and will be noisy. Merge or drop them if you can.",
+        ),
+        (
+            n_zero_genes,
+            f"{n_zero_genes} of {adata.n_vars} genes are zero in every reference cell; they "
+            "carry no information. Consider `sc.pp.filter_genes(adata, min_cells=1)` before "
+            "setup.",
+        ),
+        (
+            n_zero_cells,
             f"{n_zero_cells} reference cells have zero counts; they add nothing to the "
             "signature. Consider `sc.pp.filter_cells(adata, min_counts=1)` before setup.",
-            UserWarning,
-            stacklevel=3,
-        )
+        ),
+    ]
+    for found, message in problems:
+        if found:
+            warnings.warn(message, UserWarning, stacklevel=3)
 
 
 def validate_reference(adata: AnnData, layer: str | None) -> tuple[np.ndarray, np.ndarray]:
@@ -122,6 +123,26 @@ def _check_counts(adata: AnnData, layer: str | None) -> None:
             raise ValueError(f"{where} must hold non-negative, finite raw counts.")
 
 
+def resolve_counts_layer(
+    layer: str | None, counts_layer: str | None, counts: bool
+) -> tuple[str | None, bool]:
+    """The ``pp`` functions' ``(layer to read, holds counts)``; ``counts=True`` is deprecated."""
+    if counts:
+        if counts_layer is not None:
+            raise TypeError("Pass `counts_layer=` alone; `counts=True` is its deprecated form.")
+        warnings.warn(
+            "`counts=True` was replaced by `counts_layer=` in hpvade 0.2 (as in "
+            "`HPVADE.setup_anndata`): pass `counts_layer=<the count layer>`. The old form "
+            "stops working in 0.3.",
+            FutureWarning,
+            stacklevel=3,
+        )
+        return layer, True
+    if counts_layer is not None:
+        return counts_layer, True
+    return layer, False
+
+
 def validate_input(adata: AnnData, layer: str | None, counts: bool) -> None:
     """Boundary checks shared by the ``pp`` functions: names, then values for the data kind."""
     if counts:
@@ -129,3 +150,34 @@ def validate_input(adata: AnnData, layer: str | None, counts: bool) -> None:
         _check_counts(adata, layer)
     else:
         validate_reference(adata, layer)
+
+
+def check_matches_registry(adata: AnnData, registry: dict) -> None:
+    """Refuse an AnnData whose genes or labels differ from those a model was saved with."""
+    fields = registry["field_registries"]
+    genes = pd.Index(np.asarray(fields[REGISTRY_KEYS.X_KEY]["state_registry"]["column_names"]))
+    if not adata.var_names.equals(genes):
+        missing = genes.difference(adata.var_names)
+        extra = adata.var_names.difference(genes)
+        raise ValueError(
+            f"The AnnData's genes differ from the saved model's ({len(genes)} genes): "
+            f"{len(missing)} missing (e.g. {missing[:3].tolist()}), {len(extra)} extra "
+            f"(e.g. {extra[:3].tolist()}){', or in another order' if not len(missing) else ''}. "
+            "Load with the reference the model was trained on, or align it first: "
+            "`genes = hpvade.HPVADE.load_registry(path)['field_registries']['X']"
+            "['state_registry']['column_names']; adata = adata[:, genes].copy()`."
+        )
+    labels_key = registry["setup_args"]["labels_key"]
+    known = set(
+        np.asarray(fields[REGISTRY_KEYS.LABELS_KEY]["state_registry"]["categorical_mapping"])
+    )
+    if labels_key not in adata.obs:
+        raise ValueError(
+            f"The AnnData has no `obs[{labels_key!r}]`, the labels the model was trained with."
+        )
+    unknown = sorted(set(adata.obs[labels_key].astype(str).unique()) - known)
+    if unknown:
+        raise ValueError(
+            f"`obs[{labels_key!r}]` holds cell types the saved model does not know: {unknown} "
+            f"(model types: {sorted(known)}). Load with the reference the model was trained on."
+        )

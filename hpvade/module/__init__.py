@@ -1,5 +1,13 @@
-"""Torch modules (scvi-tools ``BaseModuleClass``)."""
+"""Torch modules (scvi-tools ``BaseModuleClass``) and the losses they train on."""
 
-from hpvade.module._hpvade import LOSS_TERMS, HPVADEModule
+from hpvade._constants import LOSS_TERMS
+from hpvade.module._hpvade import HPVADEModule
+from hpvade.module._losses import anscombe, bulk_reconstruction_error, unexplained_expression
 
-__all__ = ["LOSS_TERMS", "HPVADEModule"]
+__all__ = [
+    "LOSS_TERMS",
+    "HPVADEModule",
+    "anscombe",
+    "bulk_reconstruction_error",
+    "unexplained_expression",
+]

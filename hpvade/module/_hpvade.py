@@ -13,61 +13,7 @@ from torch import nn
 from torch.distributions import Normal, kl_divergence
 
 from hpvade._constants import BULK_KEY, BULK_PROPORTIONS_KEY, COUNTS_KEY, CPM_SCALE
-
-#: Names of the loss terms, as logged (``<name>_train`` / ``<name>_validation``).
-LOSS_TERMS = ("reconstruction_loss", "kl_local", "prototype_loss", "bulk_loss", "proportion_loss")
-
-
-#: Samples refined together in ``refine_with_signature``: keeps intermediates in cache.
-REFINE_BATCH_SIZE = 256
-
-
-def anscombe(x: torch.Tensor) -> torch.Tensor:
-    """Variance-stabilising transform for count-like data: 2 sqrt(x + 3/8).
-
-    Squared differences on this scale weigh a gene's error by about 1 / its level, so a few
-    highly expressed genes cannot dominate; unlike log1p it keeps a finite slope at zero.
-    """
-    return 2.0 * torch.sqrt(x + 0.375)
-
-
-def bulk_reconstruction_error(
-    bulk_cpm: torch.Tensor, proportions: torch.Tensor, signature: torch.Tensor
-) -> torch.Tensor:
-    """Per-sample bulk loss: mean over genes of (anscombe(p @ S.T) - anscombe(bulk))^2.
-
-    Without autograd (evaluation, fit scores) it runs in row batches with in-place operations,
-    which on 10,000 × 5,000 is several times faster than the differentiable expression.
-    """
-    if torch.is_grad_enabled():
-        return ((anscombe(proportions @ signature.T) - anscombe(bulk_cpm)) ** 2).mean(-1)
-    parts = []
-    for start in range(0, bulk_cpm.shape[0], REFINE_BATCH_SIZE):
-        rows = slice(start, start + REFINE_BATCH_SIZE)
-        fitted = (proportions[rows] @ signature.T).add_(0.375).sqrt_()
-        observed = bulk_cpm[rows].add(0.375).sqrt_()
-        parts.append(fitted.sub_(observed).square_().mean(-1).mul_(4.0))
-    return torch.cat(parts) if parts else bulk_cpm.new_zeros(0)
-
-
-@torch.no_grad()
-def unexplained_expression(
-    bulk_cpm: torch.Tensor, proportions: torch.Tensor, signature: torch.Tensor
-) -> torch.Tensor:
-    """Per-sample mean over genes of the squared *positive* Anscombe residual.
-
-    Expression the reconstruction ``p @ S.T`` falls short of: a cell type missing from the
-    reference leaves its marker genes above any mixture of the known types, while noise
-    scatters residuals both ways. On the PBMC split this separates samples with >= 20 % of a
-    missing type from complete ones better than the two-sided fit score (AUC 0.995 vs 0.988).
-    """
-    parts = []
-    for start in range(0, bulk_cpm.shape[0], REFINE_BATCH_SIZE):
-        rows = slice(start, start + REFINE_BATCH_SIZE)
-        observed = bulk_cpm[rows].add(0.375).sqrt_()
-        fitted = (proportions[rows] @ signature.T).add_(0.375).sqrt_()
-        parts.append(observed.sub_(fitted).clamp_min_(0).square_().mean(-1).mul_(4.0))
-    return torch.cat(parts) if parts else bulk_cpm.new_zeros(0)
+from hpvade.module._losses import anscombe, bulk_reconstruction_error
 
 
 class HPVADEModule(BaseModuleClass):
@@ -170,6 +116,21 @@ class HPVADEModule(BaseModuleClass):
         """Set S (genes × types, linear); columns are rescaled to 1e6 by the parametrisation."""
         self.signature_logits.copy_(self._signature_to_logits(signature))
 
+    def bulk_path_state(self) -> dict[str, np.ndarray]:
+        """A copy of what ``adapt`` changes: S and the deconvolution network (numpy arrays)."""
+        return {
+            name: value.detach().cpu().numpy().copy()
+            for name, value in self.state_dict().items()
+            if name == "signature_logits" or name.startswith(("deconv_", "bulk_"))
+        }
+
+    @torch.no_grad()
+    def load_bulk_path_state(self, state: dict[str, np.ndarray]) -> None:
+        """Restore a :meth:`bulk_path_state` snapshot."""
+        current = self.state_dict()
+        for name, value in state.items():
+            current[name].copy_(torch.as_tensor(value))
+
     def set_bulk_standardization(self, cpm: torch.Tensor) -> None:
         """Fit the network's input standardisation on (pseudo)bulk CPM."""
         logged = torch.log1p(cpm.to(self.bulk_center.device, torch.float32))
@@ -181,62 +142,6 @@ class HPVADEModule(BaseModuleClass):
         """Proportions (samples × types, rows sum to 1) for bulk profiles in CPM."""
         h = (torch.log1p(bulk_cpm) - self.bulk_center) / self.bulk_scale
         return torch.softmax(self.deconv_out(self.deconv_net(h)), dim=-1)
-
-    def refine_proportions(
-        self, bulk_cpm: torch.Tensor, initial: torch.Tensor, n_steps: int = 50
-    ) -> torch.Tensor:
-        """Refine the network's proportions on the bulk-reconstruction loss (S held fixed).
-
-        The network gives an amortised first guess; a few Adam steps on softmax logits then fit
-        each sample to ``p @ S.T`` on the same variance-stabilised scale the model trains on.
-        """
-        return self.refine_with_signature(bulk_cpm, self.signature().detach(), initial, n_steps)
-
-    @staticmethod
-    def refine_with_signature(
-        bulk_cpm: torch.Tensor,
-        signature: torch.Tensor,
-        initial: torch.Tensor,
-        n_steps: int,
-        lr: float = 0.05,
-        batch_size: int = REFINE_BATCH_SIZE,
-    ) -> torch.Tensor:
-        """Per-sample proportions minimising the Anscombe-scale error to ``p @ signature.T``.
-
-        Adam on softmax logits. Samples are independent (Adam's moments are per element), so
-        they are refined ``batch_size`` at a time, small enough for the (samples × genes)
-        intermediates to stay in cache. The gradient is written out rather than taken by
-        autograd: it needs three passes over those intermediates instead of about ten, which
-        makes 10,000 samples × 5,000 genes about 5× faster.
-        """
-        # rows of p sum to 1, so p @ (S + 3/8).T = p @ S.T + 3/8: the offset costs nothing
-        shifted = signature.detach() + 0.375
-        scale = 1.0 / signature.shape[0]
-        constant = 4.0 * scale * shifted.sum(0)
-        parts = []
-        for start in range(0, bulk_cpm.shape[0], batch_size):
-            # -2 a / n_genes, with a = anscombe(bulk) = 2 sqrt(bulk + 3/8)
-            target = bulk_cpm[start : start + batch_size].detach().add(0.375).sqrt_()
-            target.mul_(-4.0 * scale)
-            logits = torch.log(initial[start : start + batch_size].detach().clamp_min(1e-6))
-            logits = logits.clone().requires_grad_(True)
-            optimizer = torch.optim.Adam([logits], lr=lr)
-            grad_y = torch.empty(target.shape, dtype=target.dtype, device=target.device)
-            for _ in range(n_steps):
-                with torch.no_grad():
-                    proportions = torch.softmax(logits, dim=-1)
-                    # d/dy mean_g (2 sqrt(y + 3/8) - a)^2 = (4 - 2 a / sqrt(y + 3/8)) / n_genes;
-                    # written into one reused buffer (fresh large tensors page-fault every step)
-                    torch.matmul(proportions, shifted.T, out=grad_y).rsqrt_().mul_(target)
-                    grad_p = torch.addmm(constant, grad_y, shifted)
-                    # back through the softmax: p * (g - <g, p>)
-                    grad_p -= (grad_p * proportions).sum(-1, keepdim=True)
-                    logits.grad = grad_p.mul_(proportions)
-                optimizer.step()
-            parts.append(torch.softmax(logits.detach(), dim=-1))
-        if not parts:
-            return initial.detach().clone()
-        return torch.cat(parts)
 
     # ----------------------------------------------------------------------------- scvi API
     def _get_inference_input(self, tensors, **kwargs):

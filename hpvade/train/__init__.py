@@ -1,9 +1,6 @@
 """Training plans (scvi-tools ``TrainingPlan`` subclasses)."""
 
-from hpvade.train._trainingplan import (
-    HPVADETrainingPlan,
-    NonFiniteLossError,
-    ScaleMismatchError,
-)
+from hpvade._exceptions import NonFiniteLossError, ScaleMismatchError
+from hpvade.train._trainingplan import HPVADETrainingPlan
 
 __all__ = ["HPVADETrainingPlan", "NonFiniteLossError", "ScaleMismatchError"]

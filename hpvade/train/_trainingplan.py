@@ -11,6 +11,7 @@ from scvi import REGISTRY_KEYS, settings
 from scvi.train import TrainingPlan
 
 from hpvade._constants import BULK_KEY, BULK_PROPORTIONS_KEY
+from hpvade._exceptions import NonFiniteLossError, ScaleMismatchError
 from hpvade.module import HPVADEModule
 
 logger = logging.getLogger(__name__)
@@ -19,14 +20,6 @@ logger = logging.getLogger(__name__)
 SCALE_WARN_RANGE = (0.5, 2.0)
 #: ... and outside this one a severe warning (an error with ``strict_scale_check=True``).
 SCALE_SEVERE_RANGE = (0.1, 10.0)
-
-
-class NonFiniteLossError(FloatingPointError):
-    """A loss term became NaN or infinite; training was stopped."""
-
-
-class ScaleMismatchError(ValueError):
-    """The bulk and the reconstructed bulk are on different scales (strict checking)."""
 
 
 class HPVADETrainingPlan(TrainingPlan):
@@ -79,21 +72,29 @@ class HPVADETrainingPlan(TrainingPlan):
         batch[BULK_PROPORTIONS_KEY] = props[index]
         return batch
 
+    def forward(self, *args, **kwargs):
+        """Passthrough to the module; keeps the step's outputs for the checks below."""
+        outputs = super().forward(*args, **kwargs)
+        self._step_outputs = outputs
+        return outputs
+
     def _check_finite(self, loss_output, stage: str) -> None:
+        """One host synchronisation a step; the failing term is looked up only on failure."""
+        if torch.isfinite(loss_output.loss):
+            return
         terms = {
             "reconstruction_loss": loss_output.reconstruction_loss_sum,
             "kl_local": loss_output.kl_local_sum,
             **loss_output.extra_metrics,
-            "loss": loss_output.loss,
         }
-        for name, value in terms.items():
-            if not torch.isfinite(value).all():
-                raise NonFiniteLossError(
-                    f"Non-finite {name} ({float(value.detach().float().mean())}) at {stage} step "
-                    f"{self.global_step} (epoch {self.current_epoch}); training stopped. Likely "
-                    "causes: a learning rate that is too high (try plan_kwargs={'lr': 1e-4}), a "
-                    "bulk/signature scale mismatch (see the scale check), or NaN/Inf in the input."
-                )
+        name = next((k for k, v in terms.items() if not torch.isfinite(v).all()), "loss")
+        value = float(terms.get(name, loss_output.loss).detach().float().mean())
+        raise NonFiniteLossError(
+            f"Non-finite {name} ({value}) at {stage} step {self.global_step} (epoch "
+            f"{self.current_epoch}); training stopped. Likely causes: a learning rate that is "
+            "too high (try plan_kwargs={'lr': 1e-4}), a bulk/signature scale mismatch (see the "
+            "scale check), or NaN/Inf in the input."
+        )
 
     def _check_scales(self, batch, inference_outputs) -> None:
         with torch.no_grad():
@@ -138,46 +139,26 @@ class HPVADETrainingPlan(TrainingPlan):
 
     # --------------------------------------------------------------------------- lightning
     def training_step(self, batch, batch_idx):
-        """Training step: cells plus a random pseudobulk minibatch from the training pool."""
+        """scvi-tools' training step on cells plus a random minibatch of training pseudobulks."""
         n = batch[REGISTRY_KEYS.X_KEY].shape[0]
         index = torch.randint(
             self.pool_train_cpm.shape[0], (n,), device=self.pool_train_cpm.device
         )
         batch = self._with_bulk(batch, self.pool_train_cpm, self.pool_train_props, index)
-        if "kl_weight" in self.loss_kwargs:
-            kl_weight = self.kl_weight
-            self.loss_kwargs.update({"kl_weight": kl_weight})
-            self.log("kl_weight", kl_weight, on_step=True, on_epoch=False)
-        inference_outputs, _, loss_output = self.forward(batch, loss_kwargs=self.loss_kwargs)
+        loss = super().training_step(batch, batch_idx)
+        inference_outputs, _, loss_output = self._step_outputs
         if self.scale_check is None:
             self._check_scales(batch, inference_outputs)
         self._check_finite(loss_output, "training")
-        self.log(
-            "train_loss",
-            loss_output.loss,
-            on_step=self.on_step,
-            on_epoch=self.on_epoch,
-            prog_bar=True,
-            sync_dist=self.use_sync_dist,
-        )
-        self.compute_and_log_metrics(loss_output, self.train_metrics, "train")
-        return loss_output.loss
+        return loss
 
     def validation_step(self, batch, batch_idx):
-        """Validation step: held-out cells plus held-out pseudobulks, taken in order."""
+        """scvi-tools' validation step on held-out cells plus held-out pseudobulks, in order."""
         if not hasattr(self, "pool_val_cpm"):
             return
         n = batch[REGISTRY_KEYS.X_KEY].shape[0]
         n_pool = self.pool_val_cpm.shape[0]
         index = (torch.arange(n, device=self.pool_val_cpm.device) + batch_idx * n) % n_pool
         batch = self._with_bulk(batch, self.pool_val_cpm, self.pool_val_props, index)
-        _, _, loss_output = self.forward(batch, loss_kwargs=self.loss_kwargs)
-        self._check_finite(loss_output, "validation")
-        self.log(
-            "validation_loss",
-            loss_output.loss,
-            on_step=self.on_step,
-            on_epoch=self.on_epoch,
-            sync_dist=self.use_sync_dist,
-        )
-        self.compute_and_log_metrics(loss_output, self.val_metrics, "validation")
+        super().validation_step(batch, batch_idx)
+        self._check_finite(self._step_outputs[2], "validation")

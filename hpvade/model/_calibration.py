@@ -1,0 +1,237 @@
+"""Calibrations of what ``get_proportions`` serves: the unexplained-sample flag and the
+90 % intervals. Both run at the end of ``train`` and ``adapt``, never in a getter."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+
+import numpy as np
+import scipy.sparse as sp
+import torch
+
+from hpvade._compat import renamed_keywords
+from hpvade._intervals import conformal_scale
+from hpvade._solvers import DEFAULT_REFINE_STEPS, fit_proportions
+from hpvade.module import unexplained_expression
+
+logger = logging.getLogger(__name__)
+
+#: Calibration of the unexplained-sample flag: pseudobulks per split and the score quantile.
+UNEXPLAINED_CALIBRATION_PSEUDOBULKS = 500
+UNEXPLAINED_QUANTILE = 0.995
+#: Calibration of the intervals: pseudobulks per split, signature draws, target coverage.
+INTERVAL_CALIBRATION_PSEUDOBULKS = 250
+INTERVAL_CALIBRATION_DRAWS = 20
+INTERVAL_COVERAGE = 0.9
+#: Pseudobulks, over all splits, that calibrate an adapted model (each split runs adapt).
+ADAPTED_CALIBRATION_PSEUDOBULKS = 400
+#: Reference cells per type decoded for signature draws (a random subset above this).
+MAX_CELLS_PER_TYPE_FOR_DRAWS = 500
+
+
+class CalibrationMixin:
+    """Calibrated uncertainty: signature draws from the VAE posterior, the flag threshold."""
+
+    def _calibrate(self, seed: int = 0) -> None:
+        """Both calibrations, from one set of half-split fits (``train`` and ``adapt``)."""
+        rng = np.random.default_rng(seed)
+        fits = list(self._calibration_fits(UNEXPLAINED_CALIBRATION_PSEUDOBULKS, rng))
+        self._calibrate_unexplained_on(fits, UNEXPLAINED_QUANTILE)
+        subset = [
+            tuple(part[:INTERVAL_CALIBRATION_PSEUDOBULKS] for part in fit[1:4]) for fit in fits
+        ]
+        fits = [(f[0], *s, f[4]) for f, s in zip(fits, subset, strict=True)]
+        self._calibrate_uncertainty_on(fits, INTERVAL_CALIBRATION_DRAWS, INTERVAL_COVERAGE, rng)
+
+    def _calibration_fits(
+        self, n_pseudobulk: int, rng: np.random.Generator
+    ) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]]:
+        """Half-split pseudobulks fitted the way the model serves proportions.
+
+        Yields ``(signature, cpm, truth, estimate, gene_weights)``. Unadapted: the half
+        signature and the refined network output. Adapted: the half signature is adapted to
+        the pseudobulks (cohorts of the adapted cohort's size) as :meth:`adapt` did, and the
+        estimate is its weighted fit.
+        """
+        self.module.eval()
+        adapted = self.gene_weights_ is not None
+        if adapted:
+            # cohorts of the adapted cohort's size (adapt's prior depends on it), 2-4 of them
+            cohort = int(np.clip(self.adaptation_["n_samples"], 20, n_pseudobulk))
+            n_splits = int(np.clip(np.ceil(ADAPTED_CALIBRATION_PSEUDOBULKS / cohort), 2, 4))
+            splits = self._half_split_pseudobulks(cohort, rng, n_splits)
+        else:
+            splits = self._half_split_pseudobulks(n_pseudobulk, rng)
+        for signature, cpm, truth in splits:
+            initial = self._network_proportions(cpm)
+            if not adapted:
+                estimate = fit_proportions(
+                    cpm, signature, initial, DEFAULT_REFINE_STEPS, device=self.module.device
+                )
+                yield signature, cpm, truth, estimate, None
+                continue
+            result = self._learn_signature(cpm, signature, initial, rng, self.adaptation_)
+            weights = result.gene_weights
+            estimate = fit_proportions(cpm, result.signature, initial, 1, weights)
+            yield result.signature, cpm, truth, estimate, weights
+
+    @renamed_keywords(n_samples="n_pseudobulk")
+    def calibrate_unexplained(
+        self,
+        n_pseudobulk: int = UNEXPLAINED_CALIBRATION_PSEUDOBULKS,
+        quantile: float = UNEXPLAINED_QUANTILE,
+        seed: int = 0,
+    ) -> float:
+        """Calibrate the threshold of the unexplained-sample flag on the reference.
+
+        Runs at the end of :meth:`train` and :meth:`adapt`. The reference cells are split in
+        halves per type: a signature is built from one half, pseudobulks of known composition
+        are simulated from the other, fitted as :meth:`get_proportions` would (after
+        ``adapt``: with a signature adapted to them) and scored (unexplained expression).
+        These are samples the reference does explain, seen through a signature that never saw
+        their cells. Both halves hold half the cells, which about doubles the noise of the
+        score compared with the full reference and new samples, so the threshold is half the
+        ``quantile`` of these scores. Kept in ``unexplained_threshold_`` (saved with the
+        model).
+
+        Parameters
+        ----------
+        n_pseudobulk
+            Pseudobulks per split.
+        quantile
+            Quantile of the calibration scores.
+        seed
+            Seed of the splits and the simulation.
+
+        Returns
+        -------
+        The threshold.
+        """
+        fits = self._calibration_fits(n_pseudobulk, np.random.default_rng(seed))
+        return self._calibrate_unexplained_on(list(fits), quantile)
+
+    def _calibrate_unexplained_on(self, fits, quantile: float) -> float:
+        scores = [
+            self._score_samples(unexplained_expression, cpm, estimate, signature)
+            for signature, cpm, _, estimate, _ in fits
+        ]
+        self.unexplained_threshold_ = 0.5 * float(np.quantile(np.concatenate(scores), quantile))
+        logger.info("Unexplained-sample threshold: %.4g.", self.unexplained_threshold_)
+        return self.unexplained_threshold_
+
+    @renamed_keywords(n_samples="n_pseudobulk")
+    def calibrate_uncertainty(
+        self,
+        n_draws: int = INTERVAL_CALIBRATION_DRAWS,
+        n_pseudobulk: int = INTERVAL_CALIBRATION_PSEUDOBULKS,
+        coverage: float = INTERVAL_COVERAGE,
+        seed: int = 0,
+    ) -> np.ndarray:
+        """Calibrate the width of the proportion intervals on pseudobulks of known composition.
+
+        Runs at the end of :meth:`train` and :meth:`adapt`. The signature draws of
+        :meth:`get_proportions` capture how much the type profiles vary under the VAE
+        posterior, not every source of error, so their spread alone is far too narrow. As for
+        the unexplained-sample flag, a signature from half the reference cells of each type
+        deconvolves pseudobulks simulated from the other half, fitted as
+        :meth:`get_proportions` would, with the same draws around it. For each type,
+        ``interval_scale_`` is the ``coverage`` quantile of the absolute error divided by the
+        draws' spread (split-conformal calibration, one factor per type).
+
+        Parameters
+        ----------
+        n_draws
+            Signature draws per calibration sample.
+        n_pseudobulk
+            Pseudobulks per split.
+        coverage
+            Target coverage of the interval.
+        seed
+            Seed of the splits, the simulation and the draws.
+
+        Returns
+        -------
+        The per-type factors, also kept in ``interval_scale_`` (and saved with the model).
+        """
+        rng = np.random.default_rng(seed)
+        fits = list(self._calibration_fits(n_pseudobulk, rng))
+        return self._calibrate_uncertainty_on(fits, n_draws, coverage, rng)
+
+    def _calibrate_uncertainty_on(self, fits, n_draws, coverage, rng) -> np.ndarray:
+        ratios = self._signature_ratios(n_draws, rng)
+        truths, estimates, draws = [], [], []
+        for signature, cpm, truth, estimate, weights in fits:
+            draws.append(self._proportion_draws(cpm, signature, estimate, ratios, weights))
+            truths.append(truth)
+            estimates.append(estimate)
+        self.interval_scale_ = conformal_scale(truths, estimates, draws, coverage)
+        logger.info("Interval scales per type: %s.", np.round(self.interval_scale_, 3))
+        return self.interval_scale_
+
+    @torch.no_grad()
+    def _signature_ratios(self, n_draws: int, rng: np.random.Generator) -> np.ndarray:
+        """Multiplicative perturbations of S (draws × genes × types) from the VAE posterior.
+
+        Each draw decodes every (sub-sampled) reference cell from one sample of q(z | x),
+        bootstraps the cells within each type, and aggregates the decoded profiles per type;
+        the ratio of each draw's profiles to the mean over draws perturbs S.
+        """
+        self._require_reference("Signature draws")
+        codes = self._label_codes()
+        n_types = self.summary_stats.n_labels
+        members = []
+        for t in range(n_types):
+            cells = np.flatnonzero(codes == t)
+            if cells.size > MAX_CELLS_PER_TYPE_FOR_DRAWS:
+                cells = np.sort(rng.choice(cells, MAX_CELLS_PER_TYPE_FOR_DRAWS, replace=False))
+            members.append(cells)
+        subset = np.concatenate(members)
+        weights = self._cell_totals()[subset]  # each cell's share of its type's aggregate
+        sub_codes = codes[subset]
+        self.module.eval()
+        loader = self._make_data_loader(adata=self.adata, indices=subset, batch_size=1024)
+        profiles = []
+        for _ in range(n_draws):
+            decoded = []
+            for tensors in loader:
+                inference = self.module.inference(**self.module._get_inference_input(tensors))
+                z = inference["qz"].sample()
+                decoded.append(self.module.generative(z, inference["library"])["px_scale"])
+            decoded = torch.cat(decoded).double().cpu().numpy() * weights[:, None]
+            picks = np.concatenate(
+                [
+                    rng.choice(np.flatnonzero(sub_codes == t), (sub_codes == t).sum())
+                    for t in range(n_types)
+                ]
+            )
+            boot = sp.csr_matrix(
+                (np.ones(picks.size), (sub_codes[picks], picks)), shape=(n_types, subset.size)
+            )
+            aggregate = np.asarray(boot @ decoded)
+            profiles.append(aggregate / aggregate.sum(axis=1, keepdims=True))
+        profiles = np.stack(profiles)  # draws × types × genes
+        ratios = profiles / np.maximum(profiles.mean(axis=0, keepdims=True), 1e-30)
+        return ratios.transpose(0, 2, 1)
+
+    def _proportion_draws(
+        self,
+        cpm: np.ndarray,
+        signature: np.ndarray,
+        estimate: np.ndarray,
+        ratios: np.ndarray,
+        gene_weights: np.ndarray | None,
+        refine_steps: int = DEFAULT_REFINE_STEPS,
+    ) -> np.ndarray:
+        """Proportions re-fitted under each perturbed signature (draws × samples × types), by
+        the fit the model serves, started from ``estimate``."""
+        draws = []
+        for ratio in ratios:
+            perturbed = signature * ratio
+            perturbed = perturbed / perturbed.sum(axis=0, keepdims=True) * 1e6
+            draws.append(
+                fit_proportions(
+                    cpm, perturbed, estimate, refine_steps, gene_weights, self.module.device
+                )
+            )
+        return np.stack(draws)

@@ -1,0 +1,239 @@
+"""Serving proportions: ``get_proportions`` and the per-sample scores written with them."""
+
+from __future__ import annotations
+
+import functools
+import logging
+import warnings
+
+import numpy as np
+import pandas as pd
+import torch
+from anndata import AnnData
+from scvi import settings
+
+from hpvade._compat import renamed_keywords
+from hpvade._constants import (
+    ESTIMATOR_KEY,
+    FIT_SCORE_KEY,
+    GENE_REPORT_KEY,
+    PROPORTIONS_KEY,
+    UNEXPLAINED_KEY,
+    UNEXPLAINED_SCORE_KEY,
+)
+from hpvade._intervals import interval
+from hpvade._solvers import DEFAULT_REFINE_STEPS, fit_proportions
+from hpvade.data._bulk import bulk_to_cpm, gene_report
+from hpvade.module import bulk_reconstruction_error, unexplained_expression
+
+logger = logging.getLogger(__name__)
+
+#: Bulk samples per forward pass of the deconvolution network.
+DEFAULT_BATCH_SIZE = 1024
+
+
+class DeconvolutionMixin:
+    """``get_proportions``, ``get_signature`` and what they write on the bulk AnnData."""
+
+    @renamed_keywords(n_samples="n_draws")
+    def get_proportions(
+        self,
+        bulk: AnnData,
+        layer: str | None = None,
+        key_added: str = PROPORTIONS_KEY,
+        batch_size: int | None = None,
+        refine_steps: int = DEFAULT_REFINE_STEPS,
+        kind: str = "cell",
+        n_draws: int = 0,
+    ) -> pd.DataFrame:
+        """Estimate cell-type proportions of bulk samples, optionally with 90 % intervals.
+
+        Parameters
+        ----------
+        bulk
+            Bulk samples (samples × genes) on a linear scale (raw counts, CPM or TPM). Genes are
+            matched by name; extra genes are ignored.
+        layer
+            Layer of ``bulk`` with the values; ``None`` uses ``bulk.X``.
+        key_added
+            Key of ``bulk.obsm`` where the proportions are written.
+        batch_size
+            Samples per forward pass of the network; defaults to 1024.
+        refine_steps
+            0 returns the deconvolution network's output as is. Otherwise the network's output
+            starts a fit of each sample to ``p @ S.T``: before :meth:`adapt`, this many Adam
+            steps on the Anscombe-scale bulk loss the model trains on; after :meth:`adapt`, the
+            exact gene-weighted least squares that adapt fitted S with (any positive value).
+            ``uns["hpvade_estimator"]`` records which.
+        kind
+            ``"cell"`` (default): fractions of cells. ``"rna"``: fractions of the sample's RNA.
+            A bulk mixes RNA, so the model estimates RNA fractions; with a registered count
+            layer it knows each type's RNA content (mean counts per cell, ``rna_content_``) and
+            cell fractions are ``(rna / content)`` renormalised. Without a count layer the
+            reference is normalised per cell, RNA content is unknown, and both kinds return
+            the same numbers.
+        n_draws
+            Signature draws for uncertainty (0: none). Each draw perturbs S by the variation of
+            its type profiles under the VAE posterior (each reference cell decoded from a
+            sample of q(z | x), cells bootstrapped within their type) and re-fits the
+            proportions. The draws' standard deviation goes to ``obsm[key_added + "_std"]``;
+            times a per-type factor ``interval_scale_`` calibrated on pseudobulks of known
+            composition (see :meth:`calibrate_uncertainty`) it gives the 90 % interval
+            ``obsm[key_added + "_lower"]`` / ``obsm[key_added + "_upper"]`` around the
+            estimate. 20 draws are a good default. (Called ``n_samples`` before 0.2.)
+
+        Returns
+        -------
+        DataFrame (samples × cell types); rows sum to 1. Also written to ``bulk.obsm[key_added]``.
+
+        Notes
+        -----
+        Also written to ``bulk``:
+
+        - ``obs["hpvade_fit_score"]``: mean over genes of the squared difference between
+          ``anscombe(p @ S.T)`` and ``anscombe(bulk)`` (0 = perfectly explained).
+        - ``obs["hpvade_unexplained_score"]``: the same with only the expression that
+          ``p @ S.T`` falls short of (positive residuals), and ``obs["hpvade_unexplained"]``:
+          whether it exceeds ``unexplained_threshold_``, calibrated on pseudobulks from the
+          reference (see :meth:`calibrate_unexplained`). A warning names how many samples are
+          flagged.
+        - ``uns["hpvade_gene_report"]``: reference genes found, extra bulk genes ignored,
+          reference genes that are zero in every sample.
+        - ``uns["hpvade_estimator"]``: the fit that produced the proportions.
+        """
+        if kind not in ("cell", "rna"):
+            raise ValueError(f'`kind` must be "cell" or "rna", got {kind!r}.')
+        cpm = self._bulk_cpm(bulk, layer)
+        mixture = self._deconvolve(cpm, batch_size, refine_steps)
+        proportions = self._convert_kind(mixture, kind)
+        result = pd.DataFrame(proportions, index=bulk.obs_names.copy(), columns=self.cell_types)
+        bulk.obsm[key_added] = result
+        bulk.uns[ESTIMATOR_KEY] = self._estimator_description(refine_steps)
+        bulk.obs[FIT_SCORE_KEY] = self._score_samples(bulk_reconstruction_error, cpm, mixture)
+        self._flag_unexplained(bulk, cpm, mixture)
+        if n_draws > 0:
+            self._write_intervals(bulk, cpm, mixture, kind, key_added, n_draws, refine_steps)
+        logger.info("Deconvolved %d samples (%s fractions).", bulk.n_obs, kind)
+        return result
+
+    @torch.inference_mode()
+    def get_signature(self) -> pd.DataFrame:
+        """The signature S being served (genes × cell types, CPM; columns sum to 1e6)."""
+        signature = self.module.signature().double().cpu().numpy()
+        return pd.DataFrame(signature, index=self.var_names, columns=self.cell_types)
+
+    # ------------------------------------------------------------------------------ helpers
+    def _bulk_cpm(self, bulk: AnnData, layer: str | None) -> np.ndarray:
+        """Checks shared by every method that takes a bulk; its CPM on the model's genes."""
+        self._check_if_trained(warn=False, message=self._not_trained_message)
+        if bulk.is_view:
+            raise ValueError(
+                "`bulk` is a view of another AnnData; results are written to its obsm and obs. "
+                "Pass a copy: `bulk = bulk[mask].copy()`."
+            )
+        cpm = bulk_to_cpm(bulk, self.var_names, layer)
+        report = gene_report(bulk, self.var_names, cpm)
+        bulk.uns[GENE_REPORT_KEY] = report
+        logger.info(
+            "Genes: %d of %d reference genes found, %d extra bulk genes ignored, %d reference "
+            "genes zero in every sample.",
+            report["n_found"],
+            report["n_reference_genes"],
+            report["n_extra_ignored"],
+            report["n_all_zero"],
+        )
+        return cpm
+
+    def _estimator_description(self, refine_steps: int) -> dict:
+        adapted = self.gene_weights_ is not None
+        if refine_steps <= 0:
+            name = "network"
+        else:
+            name = "weighted_nnls" if adapted else "anscombe_refinement"
+        return {"estimator": name, "adapted": adapted, "refine_steps": int(refine_steps)}
+
+    def _network_proportions(self, cpm: np.ndarray, batch_size: int | None = None) -> np.ndarray:
+        """The deconvolution network's proportions (samples × types), in batches."""
+        batch_size = batch_size or DEFAULT_BATCH_SIZE
+        self.module.eval()
+        parts = []
+        with torch.no_grad():
+            for start in range(0, cpm.shape[0], batch_size):
+                rows = torch.as_tensor(
+                    cpm[start : start + batch_size], dtype=torch.float32, device=self.module.device
+                )
+                parts.append(self.module.deconvolve(rows).double().cpu().numpy())
+        return np.concatenate(parts)
+
+    def _deconvolve(
+        self, cpm: np.ndarray, batch_size: int | None, refine_steps: int
+    ) -> np.ndarray:
+        """The served proportions: the network's output, fitted to the bulk with the model's S
+        (see :func:`hpvade._solvers.fit_proportions`)."""
+        signature = self.module.signature().detach().cpu().double().numpy()
+        proportions = fit_proportions(
+            cpm,
+            signature,
+            self._network_proportions(cpm, batch_size),
+            refine_steps,
+            self.gene_weights_,
+            self.module.device,
+        )
+        return proportions / proportions.sum(axis=1, keepdims=True)
+
+    @torch.no_grad()
+    def _score_samples(self, score, cpm, proportions, signature=None) -> np.ndarray:
+        """A per-sample score (``bulk_reconstruction_error``, ``unexplained_expression``)
+        of ``proportions`` against ``signature`` (the model's S by default)."""
+        if signature is None:
+            signature = self.module.signature().detach().cpu()
+        as_tensor = functools.partial(torch.as_tensor, dtype=torch.float32)
+        return score(as_tensor(cpm), as_tensor(proportions), as_tensor(signature)).double().numpy()
+
+    def _convert_kind(self, mixture: np.ndarray, kind: str) -> np.ndarray:
+        """Mixture (RNA) fractions to cell fractions, where RNA content is known."""
+        if kind == "rna" or self.rna_content_ is None:
+            return mixture
+        cells = mixture / np.maximum(np.asarray(self.rna_content_, dtype=float), 1e-12)
+        return cells / cells.sum(axis=1, keepdims=True)
+
+    def _flag_unexplained(self, bulk: AnnData, cpm: np.ndarray, mixture: np.ndarray) -> None:
+        score = self._score_samples(unexplained_expression, cpm, mixture)
+        bulk.obs[UNEXPLAINED_SCORE_KEY] = score
+        if self.unexplained_threshold_ is None:
+            logger.info("The unexplained-sample flag is not calibrated: no flag written.")
+            return
+        flagged = score > self.unexplained_threshold_
+        bulk.obs[UNEXPLAINED_KEY] = flagged
+        if flagged.any():
+            warnings.warn(
+                f"{int(flagged.sum())} of {flagged.size} bulk samples are not explained by the "
+                f"reference (unexplained expression above {self.unexplained_threshold_:.3g}; "
+                f'see bulk.obs["{UNEXPLAINED_KEY}"]). Likely causes: a cell type missing from '
+                "the reference, a strong batch or platform effect between the reference and "
+                "the bulk (try `model.adapt(bulk)`), or values on the wrong scale.",
+                UserWarning,
+                stacklevel=settings.warnings_stacklevel,
+            )
+
+    def _write_intervals(self, bulk, cpm, mixture, kind, key_added, n_draws, refine_steps):
+        if self.interval_scale_ is None:
+            raise RuntimeError(
+                "The intervals are not calibrated (a model saved before hpvade 0.2, or loaded "
+                "without its reference): call `model.calibrate_uncertainty()` once, then ask "
+                "for draws again."
+            )
+        rng = np.random.default_rng(settings.seed or 0)
+        signature = self.module.signature().detach().cpu().double().numpy()
+        ratios = self._signature_ratios(n_draws, rng)
+        weights = self.gene_weights_ if refine_steps > 0 else None
+        draws = self._proportion_draws(
+            cpm, signature, mixture, ratios, weights, max(refine_steps, 1)
+        )
+        draws = np.stack([self._convert_kind(d, kind) for d in draws])
+        estimate = self._convert_kind(mixture, kind)
+        lower, upper = interval(estimate, draws, self.interval_scale_)
+        index, columns = bulk.obs_names.copy(), self.cell_types
+        bulk.obsm[f"{key_added}_std"] = pd.DataFrame(draws.std(axis=0), index, columns)
+        bulk.obsm[f"{key_added}_lower"] = pd.DataFrame(lower, index, columns)
+        bulk.obsm[f"{key_added}_upper"] = pd.DataFrame(upper, index, columns)

@@ -1,0 +1,140 @@
+"""What the model reads from its registered reference: names, labels, pseudobulks."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+import torch
+from scvi import REGISTRY_KEYS, settings
+
+from hpvade.data._pseudobulk import (
+    cell_totals,
+    cpm_rows,
+    mix_cells,
+    rna_fractions,
+    sample_cell_counts,
+)
+from hpvade.data._signature import aggregate_by_type, cpm_columns, warn_if_flat
+from hpvade.data._split import stratified_split
+
+
+class ReferenceMixin:
+    """Registry lookups and pseudobulk simulation from the registered reference."""
+
+    @property
+    def cell_types(self) -> pd.Index:
+        """Cell-type names, in the order of the signature columns."""
+        mapping = self.get_state_registry(REGISTRY_KEYS.LABELS_KEY).categorical_mapping
+        return pd.Index(np.asarray(mapping).astype(str))
+
+    @property
+    def var_names(self) -> pd.Index:
+        """Reference genes, in the order of the signature rows."""
+        return pd.Index(np.asarray(self.get_state_registry(REGISTRY_KEYS.X_KEY).column_names))
+
+    def _init_reference_summaries(self) -> np.ndarray:
+        """Set ``type_cell_counts_`` and ``rna_content_``; return the reference signature."""
+        codes, n_labels = self._label_codes(), self.summary_stats.n_labels
+        layer, log1p = self._linear_source()
+        signature = cpm_columns(aggregate_by_type(self.adata, codes, n_labels, layer, log1p))
+        warn_if_flat(signature, stacklevel=settings.warnings_stacklevel + 1)
+        self.type_cell_counts_ = np.bincount(codes, minlength=n_labels)
+        if not log1p:  # a count layer: mean counts per cell of each type (RNA content)
+            per_type = np.bincount(codes, weights=self._cell_totals(), minlength=n_labels)
+            self.rna_content_ = per_type / np.maximum(self.type_cell_counts_, 1)
+        return signature
+
+    def _require_reference(self, what: str) -> None:
+        if self.adata is None:
+            raise RuntimeError(
+                f"{what} needs the reference the model was trained on: "
+                "`hpvade.HPVADE.load(path, adata=ref)`."
+            )
+
+    def _label_codes(self) -> np.ndarray:
+        codes = self.get_from_registry(self.adata, REGISTRY_KEYS.LABELS_KEY)
+        return np.asarray(codes).ravel().astype(np.int64)
+
+    def _linear_source(self) -> tuple[str | None, bool]:
+        """(layer, is_log1p) of the data that is summed into S and into pseudobulks."""
+        counts_layer = self.registry_["setup_args"].get("counts_layer")
+        if counts_layer is not None:
+            return counts_layer, False
+        return self.registry_["setup_args"].get("layer"), True
+
+    def _cell_totals(self) -> np.ndarray:
+        if getattr(self, "_cell_totals_cache", None) is None:
+            self._cell_totals_cache = cell_totals(self.adata, *self._linear_source())
+        return self._cell_totals_cache
+
+    def _simulate_mixtures(
+        self,
+        cells: np.ndarray,
+        n_pseudobulk: int,
+        cells_per_pseudobulk: int,
+        dirichlet_alpha: float,
+        rng: np.random.Generator,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Pseudobulk CPM from ``cells`` and their true mixture fractions.
+
+        With a count layer, counts carry each cell's RNA content, so the mixture's shares are
+        RNA fractions; otherwise they are the cell fractions.
+        """
+        codes, n_types = self._label_codes(), self.summary_stats.n_labels
+        counts, fractions = sample_cell_counts(
+            codes,
+            n_types,
+            n_pseudobulk,
+            cells_per_pseudobulk,
+            dirichlet_alpha,
+            rng,
+            cell_indices=cells,
+        )
+        cpm = cpm_rows(mix_cells(self.adata, counts, *self._linear_source()), inplace=True)
+        if self.rna_content_ is not None:
+            fractions = rna_fractions(counts, codes, n_types, self._cell_totals())
+        return cpm, fractions
+
+    def _simulate_pool(
+        self,
+        cells: np.ndarray,
+        n_pseudobulk: int,
+        cells_per_pseudobulk: int,
+        dirichlet_alpha: float,
+        seed: int,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """A training or validation pool: ``(cpm, fractions)`` as float32 tensors."""
+        rng = np.random.default_rng(seed)
+        cpm, fractions = self._simulate_mixtures(
+            cells, n_pseudobulk, cells_per_pseudobulk, dirichlet_alpha, rng
+        )
+        return (
+            torch.as_tensor(cpm, dtype=torch.float32),
+            torch.as_tensor(fractions, dtype=torch.float32),
+        )
+
+    def _half_split_pseudobulks(
+        self, n_pseudobulk: int, rng: np.random.Generator, n_splits: int = 2
+    ) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        """``n_splits`` times: a signature from half the cells of each type, and pseudobulks
+        of known composition from the other half.
+
+        Yields ``(signature, cpm, truth)``: the half signature (genes × types), pseudobulk CPM
+        and their true mixture fractions. Samples the reference explains, seen through a
+        signature that never saw their cells: the calibration data of the flag and the
+        intervals.
+        """
+        self._require_reference("Calibration")
+        codes = self._label_codes()
+        n_types = self.summary_stats.n_labels
+        for _ in range(n_splits):
+            half, other = stratified_split(codes, 0.5, rng)
+            indicator = sp.csr_matrix(
+                (np.ones(half.size), (codes[half], half)), shape=(n_types, codes.size)
+            )
+            signature = cpm_columns(mix_cells(self.adata, indicator, *self._linear_source()))
+            cpm, truth = self._simulate_mixtures(other, n_pseudobulk, 500, 1.0, rng)
+            yield signature, cpm, truth
