@@ -2,6 +2,7 @@
 
 import numpy as np
 import pytest
+import scvi
 from scipy.optimize import nnls
 
 import hpvade
@@ -69,6 +70,9 @@ def test_fit_score_flags_samples_the_reference_cannot_explain(trained, pbmc_spli
     ref_missing = ref[ref.obs[LABELS] != "CD14+ Monocyte"].copy()
     ref_missing.obs[LABELS] = ref_missing.obs[LABELS].cat.remove_unused_categories()
     hpvade.HPVADE.setup_anndata(ref_missing, labels_key=LABELS)
+    # seeded: this score depends on the training run (seeds 0-3 gave r 0.78 / 0.19 / 0.80 /
+    # 0.67), which issue "Real bulk RNA-seq" is about; here it checks the score, not the run
+    scvi.settings.seed = 0
     model = hpvade.HPVADE(ref_missing)
     model.train(max_epochs=30, enable_progress_bar=False)
     model.get_proportions(bulk)

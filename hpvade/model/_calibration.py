@@ -7,7 +7,6 @@ import logging
 from collections.abc import Iterator
 
 import numpy as np
-import scipy.sparse as sp
 import torch
 
 from hpvade._compat import renamed_keywords
@@ -27,7 +26,7 @@ INTERVAL_COVERAGE = 0.9
 #: Pseudobulks, over all splits, that calibrate an adapted model (each split runs adapt).
 ADAPTED_CALIBRATION_PSEUDOBULKS = 400
 #: Reference cells per type decoded for signature draws (a random subset above this).
-MAX_CELLS_PER_TYPE_FOR_DRAWS = 500
+MAX_CELLS_PER_TYPE_FOR_DRAWS = 200
 
 
 class CalibrationMixin:
@@ -159,7 +158,9 @@ class CalibrationMixin:
         return self._calibrate_uncertainty_on(fits, n_draws, coverage, rng)
 
     def _calibrate_uncertainty_on(self, fits, n_draws, coverage, rng) -> np.ndarray:
-        ratios = self._signature_ratios(n_draws, rng)
+        if self.signature_ratios_ is None or len(self.signature_ratios_) != n_draws:
+            self.signature_ratios_ = self._signature_ratios(n_draws, rng).astype(np.float32)
+        ratios = self.signature_ratios_
         truths, estimates, draws = [], [], []
         for signature, cpm, truth, estimate, weights in fits:
             draws.append(self._proportion_draws(cpm, signature, estimate, ratios, weights))
@@ -175,7 +176,8 @@ class CalibrationMixin:
 
         Each draw decodes every (sub-sampled) reference cell from one sample of q(z | x),
         bootstraps the cells within each type, and aggregates the decoded profiles per type;
-        the ratio of each draw's profiles to the mean over draws perturbs S.
+        the ratio of each draw's profiles to the mean over draws perturbs S. The encoder runs
+        once; decoding and aggregation stay in float32 on the module's device.
         """
         self._require_reference("Signature draws")
         codes = self._label_codes()
@@ -187,29 +189,34 @@ class CalibrationMixin:
                 cells = np.sort(rng.choice(cells, MAX_CELLS_PER_TYPE_FOR_DRAWS, replace=False))
             members.append(cells)
         subset = np.concatenate(members)
-        weights = self._cell_totals()[subset]  # each cell's share of its type's aggregate
         sub_codes = codes[subset]
+        starts = np.concatenate([[0], np.cumsum([m.size for m in members])[:-1]])
+        device = self.module.device
+        # each cell's share of its type's aggregate: its total linear expression
+        weights = torch.as_tensor(self._cell_totals()[subset], dtype=torch.float32, device=device)
         self.module.eval()
         loader = self._make_data_loader(adata=self.adata, indices=subset, batch_size=1024)
+        posteriors = []
+        for tensors in loader:
+            inference = self.module.inference(**self.module._get_inference_input(tensors))
+            posteriors.append((inference["qz"], inference["library"]))
         profiles = []
         for _ in range(n_draws):
-            decoded = []
-            for tensors in loader:
-                inference = self.module.inference(**self.module._get_inference_input(tensors))
-                z = inference["qz"].sample()
-                decoded.append(self.module.generative(z, inference["library"])["px_scale"])
-            decoded = torch.cat(decoded).double().cpu().numpy() * weights[:, None]
+            decoded = torch.cat(
+                [self.module.generative(qz.sample(), lib)["px_scale"] for qz, lib in posteriors]
+            )
+            decoded.mul_(weights[:, None])
+            # bootstrap within each type: resample each type's cells with replacement
             picks = np.concatenate(
                 [
-                    rng.choice(np.flatnonzero(sub_codes == t), (sub_codes == t).sum())
-                    for t in range(n_types)
+                    start + rng.integers(0, m.size, m.size)
+                    for start, m in zip(starts, members, strict=True)
                 ]
             )
-            boot = sp.csr_matrix(
-                (np.ones(picks.size), (sub_codes[picks], picks)), shape=(n_types, subset.size)
-            )
-            aggregate = np.asarray(boot @ decoded)
-            profiles.append(aggregate / aggregate.sum(axis=1, keepdims=True))
+            aggregate = torch.zeros(n_types, decoded.shape[1], device=device)
+            index = torch.as_tensor(sub_codes[picks], device=device)
+            aggregate.index_add_(0, index, decoded[torch.as_tensor(picks, device=device)])
+            profiles.append((aggregate / aggregate.sum(1, keepdim=True)).double().cpu().numpy())
         profiles = np.stack(profiles)  # draws × types × genes
         ratios = profiles / np.maximum(profiles.mean(axis=0, keepdims=True), 1e-30)
         return ratios.transpose(0, 2, 1)

@@ -223,9 +223,11 @@ class DeconvolutionMixin:
                 "without its reference): call `model.calibrate_uncertainty()` once, then ask "
                 "for draws again."
             )
-        rng = np.random.default_rng(settings.seed or 0)
         signature = self.module.signature().detach().cpu().double().numpy()
-        ratios = self._signature_ratios(n_draws, rng)
+        if self.signature_ratios_ is not None and n_draws <= len(self.signature_ratios_):
+            ratios = self.signature_ratios_[:n_draws].astype(float)  # drawn at calibration
+        else:
+            ratios = self._signature_ratios(n_draws, np.random.default_rng(settings.seed or 0))
         weights = self.gene_weights_ if refine_steps > 0 else None
         draws = self._proportion_draws(
             cpm, signature, mixture, ratios, weights, max(refine_steps, 1)

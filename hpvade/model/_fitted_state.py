@@ -31,6 +31,13 @@ FITTED_STATE = (
         "S and the deconvolution network as trained on the reference: every adapt starts here",
     ),
     FittedAttribute(
+        "signature_ratios_",
+        "train (calibration)",
+        ("train",),
+        "perturbations of S drawn from the VAE posterior (draws × genes × types), shared by "
+        "the interval calibration and get_proportions(n_draws=...)",
+    ),
+    FittedAttribute(
         "adaptation_",
         "adapt",
         ("train", "adapt"),

@@ -208,7 +208,9 @@ class HPVADE(
         if early_stopping:
             trainer_kwargs.setdefault("early_stopping_monitor", "validation_loss")
         if val_idx.size:
-            trainer_kwargs.setdefault("check_val_every_n_epoch", max(1, max_epochs // 10))
+            # ten validations over a long run; a short one validates once, at its end
+            every = max_epochs // 10 if max_epochs >= 10 else max_epochs
+            trainer_kwargs.setdefault("check_val_every_n_epoch", max(1, every))
         result = super().train(
             max_epochs,
             accelerator,
