@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pandas as pd
+from anndata import AnnData
 from scipy.optimize import nnls
 
 
@@ -68,3 +69,108 @@ def adaptive_nnls_proportions(
     totals = P.sum(axis=1, keepdims=True)
     P = np.divide(P, totals, out=np.full_like(P, 1 / P.shape[1]), where=totals > 0)
     return P, S
+
+
+def marker_genes_wilcoxon(
+    reference: AnnData, labels_key: str, n_genes: int = 50, min_log_fold_change: float = 1.0
+) -> pd.Index:
+    """Per-type marker genes: scanpy's Wilcoxon test, the top ``n_genes`` of each type with a
+    log fold change above ``min_log_fold_change``, pooled.
+
+    Parameters
+    ----------
+    reference
+        Log1p-normalised reference (not modified).
+    labels_key
+        Column of ``reference.obs`` with cell-type labels.
+    n_genes
+        Markers kept per type.
+    min_log_fold_change
+        Minimum log2 fold change of a marker against the other cells.
+    """
+    import scanpy as sc
+
+    adata = AnnData(reference.X, obs=reference.obs[[labels_key]].copy(), var=reference.var[[]])
+    adata.obs[labels_key] = adata.obs[labels_key].astype("category")
+    sc.tl.rank_genes_groups(adata, labels_key, method="wilcoxon", use_raw=False)
+    chosen: list[str] = []
+    for group in adata.obs[labels_key].cat.categories:
+        table = sc.get.rank_genes_groups_df(adata, str(group))
+        table = table[table["logfoldchanges"] > min_log_fold_change]
+        chosen += [g for g in table["names"].head(n_genes) if g not in chosen]
+    return pd.Index(chosen)
+
+
+def dampened_nnls_proportions(
+    bulk_cpm: np.ndarray, signature: np.ndarray | pd.DataFrame, n_rounds: int = 20
+) -> np.ndarray:
+    """NNLS re-weighted by ``1 / sqrt(fitted value)`` for ``n_rounds`` (a dampened weighted
+    least squares in the spirit of DWLS), rescaled to sum to 1.
+
+    Parameters
+    ----------
+    bulk_cpm
+        Samples × genes, linear scale, genes in the signature's row order.
+    signature
+        Genes × types (CPM).
+    n_rounds
+        Re-weighting rounds after the plain NNLS start.
+    """
+    signature = np.asarray(signature, dtype=float)
+    bulk = np.asarray(bulk_cpm, dtype=float)
+    coef = np.stack([nnls(signature, sample)[0] for sample in bulk])
+    for _ in range(n_rounds):
+        fitted = np.maximum(coef @ signature.T, 1e-3 * bulk.mean(axis=1, keepdims=True))
+        weights = 1.0 / np.sqrt(fitted)
+        coef = np.stack(
+            [nnls(signature * w[:, None], b * w)[0] for b, w in zip(bulk, weights, strict=True)]
+        )
+    totals = coef.sum(axis=1, keepdims=True)
+    return np.divide(coef, totals, out=np.full_like(coef, 1 / coef.shape[1]), where=totals > 0)
+
+
+def marker_recipe_proportions(
+    reference: AnnData,
+    labels_key: str,
+    bulk: pd.DataFrame,
+    counts_layer: str | None = None,
+    n_genes: int = 50,
+) -> pd.DataFrame:
+    """The plain recipe of issue "Real bulk RNA-seq": Wilcoxon markers, dampened NNLS on their
+    CPM signature, then RNA fractions divided by each type's mean counts per cell.
+
+    Parameters
+    ----------
+    reference
+        Log1p-normalised reference (``X``), raw counts in ``counts_layer`` if given.
+    labels_key
+        Column of ``reference.obs`` with cell-type labels.
+    bulk
+        Samples × genes, linear scale (counts, CPM or TPM).
+    counts_layer
+        Layer with raw counts: S is built from counts and the RNA fractions are converted to
+        cell fractions by each type's mean counts per cell. ``None``: RNA fractions.
+    n_genes
+        Markers per type.
+
+    Returns
+    -------
+    Samples × types proportions (rows sum to 1).
+    """
+    from hpvade.data._signature import build_signature
+
+    markers = marker_genes_wilcoxon(reference, labels_key, n_genes)
+    markers = markers[markers.isin(bulk.columns)]
+    signature = build_signature(reference, labels_key, counts_layer=counts_layer).loc[markers]
+    signature = signature / signature.sum(axis=0) * 1e6
+    values = bulk[markers].to_numpy(dtype=float)
+    values = values / values.sum(axis=1, keepdims=True) * 1e6
+    rna = dampened_nnls_proportions(values, signature.to_numpy())
+    if counts_layer is not None:
+        counts = reference.layers[counts_layer]
+        totals = np.asarray(counts.sum(axis=1)).ravel()
+        labels = reference.obs[labels_key].astype("category")
+        content = pd.Series(totals).groupby(labels.cat.codes.to_numpy()).mean().to_numpy()
+        cells = rna / content[None, :]
+        rna = cells / cells.sum(axis=1, keepdims=True)
+    return pd.DataFrame(rna, index=bulk.index, columns=signature.columns)

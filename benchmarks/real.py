@@ -1,0 +1,245 @@
+"""Real bulk RNA-seq against flow cytometry (issue "Real bulk RNA-seq").
+
+Reference: the Hao PBMC cells of ``shared/data/real`` (1,336 cells, 11 types), normalised as a
+user would (``normalize_total`` + ``log1p`` into ``X``, counts in ``layers["counts"]``),
+restricted to the genes every bulk data set has. Bulks: the 4 Finotello donors (TPM) and the 2
+Hoek donors (read counts), scored against flow cytometry on the types truth and reference share
+(Hoek's T cells = CD4 conv + Tregs + CD8), over all (donor, type) pairs, proportions as
+estimated (cell fractions, ``kind="cell"``).
+
+Methods: NNLS on the CPM signature (all genes), the plain recipe
+(``hpvade.baselines.marker_recipe_proportions``), hpvade with defaults and after ``adapt`` on
+each cohort (one model per seed), and Rectangle 1.7.0 with its defaults when ``--rectangle``
+is given (installed into ``benchmarks/.cache/rectangle-venv``, its pins conflict with ours).
+
+Run ``.venv/bin/python benchmarks/real.py`` (``--seeds 0,1,2``, ``--rectangle``); writes
+``results/real.md`` and ``results/real.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import subprocess
+import time
+import warnings
+from pathlib import Path
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import scanpy as sc
+import scvi
+
+import hpvade
+
+HERE = Path(__file__).resolve().parent
+DATA = HERE.parents[1] / "shared" / "data" / "real"
+LABELS = "cell_type"
+FINOTELLO_TYPES = ["NK cells", "B cells", "Tregs", "mDC", "Monocytes", "T cells CD8",
+                   "T cells CD4 conv"]  # fmt: skip
+#: Hoek's columns as sums of reference types.
+HOEK_TYPES = {
+    "Bcells": ["B cells"],
+    "Monocytes": ["Monocytes"],
+    "MyeloidDC": ["mDC"],
+    "NKcells": ["NK cells"],
+    "Tcells": ["T cells CD4 conv", "Tregs", "T cells CD8"],
+}
+RECTANGLE_VENV = HERE / ".cache" / "rectangle-venv"
+
+
+def load_bulks(data: Path) -> dict[str, tuple[pd.DataFrame, pd.DataFrame]]:
+    """``name -> (bulk samples × genes, flow-cytometry truth)``."""
+    finotello = pd.read_csv(data / "finotello_dev_tpm.csv.gz", index_col=0)
+    facs = pd.read_csv(data / "finotello_dev_facs.csv", index_col=0).loc[finotello.index]
+    hoek = pd.read_csv(data / "hoek_counts.csv.gz", index_col=0)
+    hoek = hoek.T.groupby(level=0).sum().T  # duplicated symbols summed
+    hoek_facs = pd.read_csv(data / "hoek_facs.csv", index_col=0).loc[hoek.index]
+    return {
+        "Finotello (4 donors)": (finotello, facs[FINOTELLO_TYPES]),
+        "Hoek (2 donors)": (hoek, hoek_facs[list(HOEK_TYPES)]),
+    }
+
+
+def load_reference(data: Path, genes: pd.Index) -> ad.AnnData:
+    ref = ad.read_h5ad(data / "hao_pbmc_reference.h5ad")
+    ref = ref[:, ref.var_names.isin(genes)].copy()
+    ref.layers["counts"] = ref.X.copy()
+    sc.pp.normalize_total(ref)
+    sc.pp.log1p(ref)
+    ref.obs[LABELS] = ref.obs[LABELS].astype("category")
+    return ref
+
+
+def to_truth_columns(props: pd.DataFrame, truth: pd.DataFrame) -> pd.DataFrame:
+    """Estimated proportions on the truth's columns (Hoek's merged T cells summed)."""
+    if list(truth.columns) == list(HOEK_TYPES):
+        return pd.DataFrame({k: props[v].sum(axis=1) for k, v in HOEK_TYPES.items()})
+    return props[truth.columns]
+
+
+def score(props: pd.DataFrame, truth: pd.DataFrame) -> tuple[float, float]:
+    pred = to_truth_columns(props, truth).loc[truth.index].to_numpy(float)
+    true = truth.to_numpy(float)
+    return float(np.corrcoef(pred.ravel(), true.ravel())[0, 1]), float(
+        np.sqrt(np.mean((pred - true) ** 2))
+    )
+
+
+def nnls_all_genes(ref: ad.AnnData, bulk: pd.DataFrame) -> pd.DataFrame:
+    signature = hpvade.pp.build_signature(ref, LABELS, counts_layer="counts")
+    values = bulk[signature.index].to_numpy(float)
+    cpm = values / values.sum(axis=1, keepdims=True) * 1e6
+    props = hpvade.baselines.nnls_proportions(cpm, signature)
+    content = ref_rna_content(ref)
+    cells = props / content[None, :]
+    return pd.DataFrame(cells / cells.sum(1, keepdims=True), bulk.index, signature.columns)
+
+
+def ref_rna_content(ref: ad.AnnData) -> np.ndarray:
+    totals = np.asarray(ref.layers["counts"].sum(axis=1)).ravel()
+    codes = ref.obs[LABELS].cat.codes.to_numpy()
+    return np.bincount(codes, weights=totals) / np.bincount(codes)
+
+
+def rectangle(ref: ad.AnnData, bulk: pd.DataFrame, tmp: Path) -> pd.DataFrame:
+    """Rectangle 1.7.0 with defaults, in its own virtual environment (made on first use)."""
+    python = RECTANGLE_VENV / "bin" / "python"
+    if not python.exists():  # its pins conflict with hpvade's: an environment of its own
+        subprocess.run(["python3", "-m", "venv", str(RECTANGLE_VENV)], check=True)
+        subprocess.run(
+            [str(python), "-m", "pip", "install", "-q", "rectanglepy==1.7.0"], check=True
+        )
+    counts = pd.DataFrame(ref.layers["counts"].toarray(), ref.obs_names, ref.var_names)
+    counts.to_csv(tmp / "sc_counts.csv")
+    ref.obs[[LABELS]].to_csv(tmp / "annotations.csv")
+    bulk.to_csv(tmp / "bulk.csv")
+    script = (
+        "import pandas as pd, rectanglepy as rp, sys\n"
+        "d = sys.argv[1]\n"
+        "sc = pd.read_csv(d + '/sc_counts.csv', index_col=0)\n"
+        "ann = pd.read_csv(d + '/annotations.csv', index_col=0).iloc[:, 0]\n"
+        "bulk = pd.read_csv(d + '/bulk.csv', index_col=0)\n"
+        "import anndata as ad\n"
+        "adata = ad.AnnData(sc.astype('float32'), obs=pd.DataFrame({'cell_type': ann}))\n"
+        "estimations, *_ = rp.rectangle(adata, bulk, cell_type_col='cell_type')\n"
+        "estimations.to_csv(d + '/rectangle.csv')\n"
+    )
+    subprocess.run([str(python), "-c", script, str(tmp)], check=True)
+    return pd.read_csv(tmp / "rectangle.csv", index_col=0)
+
+
+def hpvade_runs(ref, bulks, seeds, max_epochs):
+    """Per seed: a model trained with defaults, then its proportions before and after adapt."""
+    results = {}
+    for seed in seeds:
+        scvi.settings.seed = seed
+        hpvade.HPVADE.setup_anndata(ref, labels_key=LABELS, counts_layer="counts")
+        model = hpvade.HPVADE(ref)
+        started = time.perf_counter()
+        model.train(max_epochs=max_epochs, enable_progress_bar=False)
+        print(f"seed {seed}: trained in {time.perf_counter() - started:.0f} s", flush=True)
+        for name, (bulk, _) in bulks.items():
+            adata = ad.AnnData(bulk[ref.var_names].astype(np.float32))
+            results[("hpvade", name, seed)] = model.get_proportions(adata.copy())
+            adapted = hpvade.HPVADE.load(save(model, seed), adata=ref)
+            adapted.adapt(adata)
+            results[("hpvade + adapt", name, seed)] = adapted.get_proportions(adata.copy())
+    return results
+
+
+def save(model, seed) -> Path:
+    path = HERE / ".cache" / f"real_model_{seed}"
+    model.save(path, overwrite=True)
+    return path
+
+
+def figure(results, bulks, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    methods = sorted({key[0] for key in results})
+    fig, axes = plt.subplots(len(bulks), len(methods), figsize=(3 * len(methods), 3 * len(bulks)))
+    axes = np.atleast_2d(axes)
+    for i, (name, (_, truth)) in enumerate(bulks.items()):
+        for j, method in enumerate(methods):
+            ax = axes[i, j]
+            for key, props in results.items():
+                if key[0] == method and key[1] == name:
+                    pred = to_truth_columns(props, truth).loc[truth.index]
+                    for column in truth.columns:
+                        ax.scatter(truth[column], pred[column], s=12, label=column)
+                    break
+            ax.plot([0, 0.7], [0, 0.7], color="grey", lw=0.5)
+            ax.set_title(f"{method}\n{name}", fontsize=8)
+            ax.set_xlabel("flow cytometry", fontsize=7)
+            ax.set_ylabel("estimated", fontsize=7)
+    axes[0, -1].legend(fontsize=5)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", default=str(DATA))
+    parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--max-epochs", type=int, default=None)
+    parser.add_argument("--rectangle", action="store_true")
+    parser.add_argument("--output", default=str(HERE / "results" / "real.md"))
+    args = parser.parse_args()
+    warnings.filterwarnings("ignore")
+    logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
+    data = Path(args.data)
+    bulks = load_bulks(data)
+    genes = pd.Index(sorted(set.intersection(*(set(b.columns) for b, _ in bulks.values()))))
+    ref = load_reference(data, genes)
+    print(f"reference {ref.n_obs} cells x {ref.n_vars} genes shared with every bulk", flush=True)
+    results = {}
+    for name, (bulk, _) in bulks.items():
+        results[("NNLS", name, 0)] = nnls_all_genes(ref, bulk)
+        results[("plain recipe", name, 0)] = hpvade.baselines.marker_recipe_proportions(
+            ref, LABELS, bulk[ref.var_names], counts_layer="counts"
+        )
+        if args.rectangle:
+            tmp = HERE / ".cache" / "rectangle_io"
+            tmp.mkdir(parents=True, exist_ok=True)
+            results[("Rectangle 1.7.0", name, 0)] = rectangle(ref, bulk[ref.var_names], tmp)
+    seeds = [int(s) for s in args.seeds.split(",")]
+    results.update(hpvade_runs(ref, bulks, seeds, args.max_epochs))
+
+    rows = []
+    for (method, name, seed), props in results.items():
+        r, rmse = score(props, bulks[name][1])
+        rows.append({"method": method, "data": name, "seed": seed, "r": r, "rmse": rmse})
+        print(f"{method:18s} {name:22s} seed {seed}: r {r:.3f} RMSE {rmse:.3f}", flush=True)
+    table = pd.DataFrame(rows)
+    summary = table.groupby(["data", "method"]).agg(
+        r_min=("r", "min"), r_median=("r", "median"), r_max=("r", "max"),
+        rmse_median=("rmse", "median"), runs=("seed", "size"),
+    ).round(3)  # fmt: skip
+    text = "\n".join(
+        [
+            "# Real bulk RNA-seq against flow cytometry",
+            "",
+            f"Reference: Hao PBMC, {ref.n_obs} cells x {ref.n_vars} genes (shared with every "
+            f"bulk). hpvade seeds: {seeds}; default epochs unless stated "
+            f"(max_epochs={args.max_epochs}). Produced by `benchmarks/real.py`.",
+            "",
+            summary.to_markdown(),
+            "",
+            "## Every run",
+            "",
+            table.round(3).to_markdown(index=False),
+            "",
+        ]
+    )
+    Path(args.output).write_text(text)
+    figure(results, bulks, Path(args.output).with_suffix(".png"))
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
