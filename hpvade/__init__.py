@@ -2,7 +2,7 @@
 
 import logging
 
-from hpvade import baselines, datasets, metrics, pl, pp, tl
+from hpvade import _compat, baselines, datasets, metrics, pl, pp, tl  # noqa: F401
 from hpvade._exceptions import NonFiniteLossError, ScaleMismatchError
 from hpvade.model import HPVADE
 

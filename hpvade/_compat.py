@@ -1,9 +1,15 @@
-"""Keyword names renamed in 0.2: the old names keep working for one release."""
+"""Compatibility: keywords renamed in 0.2 (old names work one more release), and a shim for
+scvi-tools on the rich that pip installs today."""
 
 from __future__ import annotations
 
 import functools
 import warnings
+
+# scvi-tools 1.4.2's `view_anndata_setup` calls `rich.pretty.pprint` without importing
+# `rich.pretty`; with rich >= 14 nothing else imports it, so the call raised AttributeError.
+# Importing the submodule once makes the attribute exist.
+import rich.pretty  # noqa: F401
 
 
 def renamed_keywords(**renames: str):

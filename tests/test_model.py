@@ -221,3 +221,9 @@ def test_absurd_learning_rate_stops_with_a_named_term():
     model = hpvade.HPVADE(adata, n_hidden=16, n_latent=4)
     with pytest.raises(NonFiniteLossError, match=r"Non-finite \w+ .* step \d+.*learning rate"):
         _quiet_train(model, max_epochs=30, n_pseudobulk=64, plan_kwargs={"lr": 1e3})
+
+
+def test_view_anndata_setup_works_with_current_rich(trained, capsys):
+    """scvi-tools 1.4.2 uses rich.pretty without importing it (issue "First contact" 1)."""
+    trained.view_anndata_setup()
+    assert "bulk_labels" in capsys.readouterr().out

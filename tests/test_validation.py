@@ -50,7 +50,7 @@ def _with_empty_category():
     return adata
 
 
-def test_bad_values_in_x_are_refused_or_warned():
+def test_bad_values_in_x_are_refused():
     neg = make_reference(sparse=False)
     neg.X[0, 0] = -1
     with pytest.raises(ValueError, match="negative values.*log1p-normalised"):
@@ -61,12 +61,28 @@ def test_bad_values_in_x_are_refused_or_warned():
         _setup(nan)
     counts = make_reference()
     counts.X = counts.layers["counts"].copy()
-    with pytest.warns(UserWarning, match="looks like raw counts.*counts_layer='counts'"):
+    with pytest.raises(ValueError, match="looks like raw counts.*counts_layer='counts'"):
         _setup(counts)
+    with pytest.raises(ValueError, match="looks like raw counts"):
+        hpvade.pp.build_signature(counts, "cell_type")
     not_logged = make_reference(sparse=False)
-    not_logged.X = np.expm1(not_logged.X)
-    with pytest.warns(UserWarning, match="normalised but not log-transformed.*log1p"):
+    not_logged.X = np.expm1(not_logged.X) * 100  # normalised to 1e6 per cell, not logged
+    with pytest.raises(ValueError, match="normalised but not log-transformed.*log1p"):
         _setup(not_logged)
+    with pytest.raises(ValueError, match="normalised but not log-transformed"):
+        hpvade.pp.build_signature(not_logged, "cell_type")
+
+
+def test_counts_in_x_with_log_values_in_a_layer():
+    """scvi-tools style: X holds counts, `layer=` names the log1p values; S comes out finite."""
+    adata = make_reference()
+    adata.layers["log1p"] = adata.X.copy()
+    adata.X = adata.layers["counts"].copy()
+    hpvade.HPVADE.setup_anndata(adata, labels_key="cell_type", layer="log1p")
+    signature = hpvade.HPVADE(adata, n_hidden=16, n_latent=4).get_signature()
+    expected = hpvade.pp.build_signature(adata, "cell_type", layer="log1p")
+    assert np.isfinite(signature.to_numpy()).all()
+    assert np.corrcoef(signature.to_numpy().ravel(), expected.to_numpy().ravel())[0, 1] > 0.999
 
 
 def test_single_cell_types_zero_genes_and_zero_cells_warn():
@@ -253,3 +269,32 @@ def test_counts_layer_replaces_counts_flag():
     with pytest.warns(FutureWarning, match="`counts=True` was replaced by `counts_layer=`"):
         old = hpvade.pp.build_signature(adata, "cell_type", layer="counts", counts=True)
     pd.testing.assert_frame_equal(old, new)
+
+
+def test_bulk_as_dataframe_or_array(trained, test_bulk):
+    """A samples × genes table works like the AnnData; an array is refused with the fix."""
+    table = pd.DataFrame(test_bulk.X, index=test_bulk.obs_names, columns=test_bulk.var_names)
+    from_table = trained.get_proportions(table.iloc[:, ::-1])  # gene order does not matter
+    from_anndata = trained.get_proportions(test_bulk.copy())
+    np.testing.assert_allclose(from_table.to_numpy(), from_anndata.to_numpy(), atol=1e-6)
+    assert list(from_table.index) == list(test_bulk.obs_names)
+    with pytest.raises(TypeError, match=r"AnnData or a pandas DataFrame.*anndata.AnnData\(values"):
+        trained.get_proportions(np.asarray(test_bulk.X))
+
+
+def test_adapt_says_how_many_samples_it_needs(trained, test_bulk):
+    with pytest.raises(ValueError, match="adapt needs at least 3 bulk samples, got 1"):
+        trained.adapt(test_bulk[:1].copy())
+    assert trained.adaptation_ is None  # refused before anything changed
+
+
+def test_integer_label_codes_warn_and_become_strings_everywhere():
+    adata = make_reference()
+    adata.obs["code"] = adata.obs["cell_type"].cat.codes.astype(int)
+    with pytest.warns(UserWarning, match=r"holds numbers \(\[0, 1, 2\]\).*look like"):
+        signature = hpvade.pp.build_signature(adata, "code")
+    with pytest.warns(UserWarning, match="look like cluster or label codes"):
+        hpvade.HPVADE.setup_anndata(adata, labels_key="code")
+    model = hpvade.HPVADE(adata, n_hidden=16, n_latent=4)
+    assert list(model.cell_types) == list(signature.columns) == ["0", "1", "2"]
+    assert list(model.get_signature().columns) == ["0", "1", "2"]

@@ -23,6 +23,29 @@ def looks_log_transformed(values: np.ndarray) -> bool:
     return not np.allclose(values, np.round(values))
 
 
+def as_bulk_anndata(bulk) -> AnnData:
+    """``bulk`` as AnnData: an AnnData as is; a DataFrame (samples × genes, as Scaden, TAPE and
+    most tables arrive) wrapped, genes from its columns; anything else refused with the fix."""
+    if isinstance(bulk, AnnData):
+        return bulk
+    if isinstance(bulk, pd.DataFrame):
+        if not all(pd.api.types.is_numeric_dtype(t) for t in bulk.dtypes):
+            raise TypeError(
+                "The bulk DataFrame must hold numbers only (samples as rows, genes as columns); "
+                "move sample annotations out of it first."
+            )
+        return AnnData(
+            bulk.to_numpy(dtype=np.float64),
+            obs=pd.DataFrame(index=bulk.index.astype(str)),
+            var=pd.DataFrame(index=bulk.columns.astype(str)),
+        )
+    raise TypeError(
+        f"`bulk` must be an AnnData or a pandas DataFrame (samples × genes), got "
+        f"{type(bulk).__name__}. Wrap an array with its gene names: "
+        "`bulk = anndata.AnnData(values, var=pd.DataFrame(index=gene_names))`."
+    )
+
+
 def gene_report(bulk: AnnData, genes: pd.Index, cpm: np.ndarray) -> dict:
     """How the bulk's genes met the reference's: found, missing, ignored, all-zero.
 

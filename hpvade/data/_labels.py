@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
@@ -10,6 +12,8 @@ from anndata import AnnData
 
 def get_label_codes(adata: AnnData, labels_key: str) -> tuple[np.ndarray, pd.Index]:
     """Return ``(codes, categories)`` for ``adata.obs[labels_key]``, refusing unusable labels.
+
+    Categories are always strings; numeric labels (codes) get a warning.
 
     Raises
     ------
@@ -31,6 +35,15 @@ def get_label_codes(adata: AnnData, labels_key: str) -> tuple[np.ndarray, pd.Ind
             f"first, e.g. `adata = adata[adata.obs[{labels_key!r}].notna()].copy()`."
         )
     categorical = labels.astype("category")
+    if pd.api.types.is_numeric_dtype(categorical.cat.categories):
+        warnings.warn(
+            f"`adata.obs[{labels_key!r}]` holds numbers ({list(categorical.cat.categories[:5])}"
+            f"{', ...' if len(categorical.cat.categories) > 5 else ''}), which look like "
+            "cluster or label codes: signature and proportion columns will be named by them, "
+            "as strings. Map the codes to cell-type names first if you have them.",
+            UserWarning,
+            stacklevel=3,
+        )
     counts = categorical.value_counts(sort=False)
     empty = counts.index[counts.to_numpy() == 0].tolist()
     if empty:

@@ -65,7 +65,8 @@ def warn_on_sparse_types_genes_and_cells(
 
 
 def validate_reference(adata: AnnData, layer: str | None) -> tuple[np.ndarray, np.ndarray]:
-    """Refuse duplicated names, negative or non-finite values; warn when X looks like counts.
+    """Refuse duplicated names, negative or non-finite values, and data that is not log1p
+    (raw counts, or normalised values that were not log-transformed).
 
     Reads the matrix in row chunks, so it works on large and backed references. Returns the
     per-gene and per-cell totals of the values it read.
@@ -91,20 +92,19 @@ def validate_reference(adata: AnnData, layer: str | None) -> tuple[np.ndarray, n
         maximum = max(maximum, float(values.max()))
         all_integer = all_integer and np.array_equal(values, np.round(values))
     if all_integer and maximum > 0:
-        warnings.warn(
+        raise ValueError(
             f"{where} holds integer values (max {maximum:g}): it looks like raw counts, but "
-            "hpvade expects log1p-normalised expression there. Keep the counts in a layer and "
-            "normalise X: `adata.layers['counts'] = adata.X.copy(); sc.pp.normalize_total(adata); "
-            "sc.pp.log1p(adata)`, then `setup_anndata(adata, ..., counts_layer='counts')`.",
-            UserWarning,
-            stacklevel=3,
+            "hpvade expects log1p-normalised expression there (expm1 of counts overflows, and "
+            "S would not be finite). Keep the counts in a layer and normalise: "
+            "`adata.layers['counts'] = adata.X.copy(); sc.pp.normalize_total(adata); "
+            "sc.pp.log1p(adata)`, then `setup_anndata(adata, ..., counts_layer='counts')`; or "
+            "name a layer that already holds log1p values with `layer=`."
         )
-    elif maximum > LOG1P_MAX:
-        warnings.warn(
-            f"{where} reaches {maximum:g}, more than log1p-normalised data does: it may be "
-            "normalised but not log-transformed. Apply `sc.pp.log1p(adata)` first.",
-            UserWarning,
-            stacklevel=3,
+    if maximum > LOG1P_MAX:
+        raise ValueError(
+            f"{where} reaches {maximum:g}, more than log1p-normalised data does: it looks "
+            "normalised but not log-transformed (expm1 of it overflows). Apply "
+            "`sc.pp.log1p(adata)` first, or name a layer that holds log1p values with `layer=`."
         )
     return gene_totals, cell_totals
 

@@ -11,10 +11,13 @@ from scvi import settings
 
 from hpvade._signature_fit import AdaptationResult, adapt_signature
 from hpvade._solvers import DEFAULT_REFINE_STEPS, fit_proportions
+from hpvade.data._bulk import as_bulk_anndata
 from hpvade.model._fitted_state import reset_fitted_state
 
 logger = logging.getLogger(__name__)
 
+#: Fewest bulk samples ``adapt`` accepts (the network's BatchNorm needs 2; S needs variation).
+MIN_ADAPT_SAMPLES = 3
 #: Cohorts smaller than this get a proportionally weaker prior in ``adapt``.
 SMALL_COHORT = 40
 #: Alternating rounds of ``adapt``: an early stop (see its ``n_rounds``).
@@ -70,7 +73,8 @@ class AdaptationMixin:
         Parameters
         ----------
         bulk
-            The user's bulk samples (linear scale), as for :meth:`get_proportions`.
+            The user's bulk samples (linear scale), as for :meth:`get_proportions`; at least
+            3 (a dozen or more works best).
         layer
             Layer of ``bulk`` with the values; ``None`` uses ``bulk.X``.
         n_rounds
@@ -105,7 +109,14 @@ class AdaptationMixin:
         ``n_rounds_run``, held-out ``validation_error`` (weighted squared error with the
         unadapted and the adapted S), sample counts and the settings.
         """
-        cpm = self._bulk_cpm(bulk, layer)
+        cpm = self._bulk_cpm(as_bulk_anndata(bulk), layer)
+        if cpm.shape[0] < MIN_ADAPT_SAMPLES:
+            raise ValueError(
+                f"adapt needs at least {MIN_ADAPT_SAMPLES} bulk samples, got {cpm.shape[0]}: it "
+                "learns S from what the samples share and fine-tunes the network on them, and "
+                "a single sample has no variation to learn from. Use `get_proportions` without "
+                "adapt, or adapt on a cohort (a dozen samples or more works best)."
+            )
         if self.type_cell_counts_ is None:
             raise RuntimeError(
                 "Adaptation needs the reference's cells per type: load the model with its "

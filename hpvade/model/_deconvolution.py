@@ -23,7 +23,7 @@ from hpvade._constants import (
 )
 from hpvade._intervals import interval
 from hpvade._solvers import DEFAULT_REFINE_STEPS, fit_proportions
-from hpvade.data._bulk import bulk_to_cpm, gene_report
+from hpvade.data._bulk import as_bulk_anndata, bulk_to_cpm, gene_report
 from hpvade.module import bulk_reconstruction_error, unexplained_expression
 
 logger = logging.getLogger(__name__)
@@ -51,8 +51,9 @@ class DeconvolutionMixin:
         Parameters
         ----------
         bulk
-            Bulk samples (samples × genes) on a linear scale (raw counts, CPM or TPM). Genes are
-            matched by name; extra genes are ignored.
+            Bulk samples (samples × genes) on a linear scale (raw counts, CPM or TPM): an
+            AnnData, or a DataFrame with genes as columns (then only the returned DataFrame
+            carries results). Genes are matched by name; extra genes are ignored.
         layer
             Layer of ``bulk`` with the values; ``None`` uses ``bulk.X``.
         key_added
@@ -103,6 +104,7 @@ class DeconvolutionMixin:
         """
         if kind not in ("cell", "rna"):
             raise ValueError(f'`kind` must be "cell" or "rna", got {kind!r}.')
+        bulk = as_bulk_anndata(bulk)
         cpm = self._bulk_cpm(bulk, layer)
         mixture = self._deconvolve(cpm, batch_size, refine_steps)
         proportions = self._convert_kind(mixture, kind)

@@ -272,11 +272,11 @@ class HPVADE(
         -----
         Refused with a ``ValueError`` that names the fix: a missing labels column (``KeyError``),
         missing labels, empty categories, fewer than two types, duplicated ``var_names`` or
-        ``obs_names``, negative or non-finite values, and AnnData views. Warned about (training
-        still works): integer-valued ``X`` (raw counts where log1p values are expected: the
-        warning explains how to normalise and keep the counts in ``counts_layer``), ``X`` above
-        log1p range (normalised but not log-transformed), cell types with a single cell, genes
-        that are zero in every cell and cells with zero counts.
+        ``obs_names``, negative or non-finite values, AnnData views, and data that is not log1p:
+        integer values (raw counts: keep them in ``counts_layer`` and normalise ``X``, or name
+        the log1p layer with ``layer=``) or values above log1p range (normalised, not logged).
+        Warned about (training still works): cell types with a single cell, genes that are zero
+        in every cell and cells with zero counts.
         """
         setup_method_args = cls._get_setup_method_args(**locals())
         if adata.is_view:
