@@ -80,9 +80,17 @@ def main(
             "NNLS": hpvade.metrics.per_type_pearson(nnls, truth),
         }
     )
+    constant = {name: list(per_type.index[per_type[name].isna()]) for name in per_type.columns}
+    per_type = per_type.astype(object).where(per_type.notna(), "constant")
     with pd.option_context("display.precision", 3, "display.width", 120):
         print("\nOverall (held-out pseudobulks)\n", table, sep="")
         print("\nPer-type Pearson r\n", per_type, sep="")
+    for name, types in constant.items():
+        if types:
+            print(
+                f"{name}: r is undefined for {', '.join(map(str, types))}: the method gives "
+                "the same fraction (usually 0) in every sample, so there is nothing to correlate."
+            )
     print(f"scale check: {model.scale_check_}")
 
     Path(out).mkdir(parents=True, exist_ok=True)

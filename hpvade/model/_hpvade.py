@@ -1,10 +1,5 @@
-"""The HPVADE model (scvi-tools ``BaseModelClass``): construction, setup, training, loading.
-
-Its public methods live in mixins, one concept a file: ``_deconvolution`` (serving
-proportions), ``_calibration`` (flag and intervals), ``_adaptation`` (``adapt``),
-``_reference`` (what is read from the reference); fitted state is declared in
-``_fitted_state``.
-"""
+"""The HPVADE model: construction, setup, training, loading (the rest lives in mixins, one
+concept a file; fitted state is declared in ``_fitted_state``)."""
 
 from __future__ import annotations
 
@@ -20,6 +15,7 @@ from scvi.utils import setup_anndata_dsp
 
 from hpvade._compat import renamed_keywords
 from hpvade._constants import COUNTS_KEY
+from hpvade._logging import interactive_output, quiet_third_party
 from hpvade.data._labels import get_label_codes
 from hpvade.data._split import stratified_split
 from hpvade.data._validation import (
@@ -177,8 +173,10 @@ class HPVADE(
         plan_kwargs
             Passed to :class:`~hpvade.train.HPVADETrainingPlan` (``lr``, ...).
         **trainer_kwargs
-            Passed to :class:`~scvi.train.Trainer` (Lightning), e.g. ``strategy="ddp"``,
-            ``enable_progress_bar=False``. ``gradient_clip_val`` defaults to 5.0.
+            Passed to :class:`~scvi.train.Trainer` (Lightning), e.g. ``strategy="ddp"``.
+            ``gradient_clip_val`` defaults to 5.0; ``enable_progress_bar`` defaults to whether
+            output goes to a terminal or a notebook. Lightning's notices are quiet unless
+            ``logging.getLogger("hpvade")`` is at DEBUG.
         """
         if max_epochs is None:
             max_epochs = max_epochs_heuristic(self.adata.n_obs)
@@ -205,22 +203,24 @@ class HPVADE(
             **(plan_kwargs or {}),
         }
         trainer_kwargs.setdefault("gradient_clip_val", 5.0)
+        trainer_kwargs.setdefault("enable_progress_bar", interactive_output())
         if early_stopping:
             trainer_kwargs.setdefault("early_stopping_monitor", "validation_loss")
         if val_idx.size:
             # ten validations over a long run; a short one validates once, at its end
             every = max_epochs // 10 if max_epochs >= 10 else max_epochs
             trainer_kwargs.setdefault("check_val_every_n_epoch", max(1, every))
-        result = super().train(
-            max_epochs,
-            accelerator,
-            devices,
-            batch_size=batch_size,
-            early_stopping=early_stopping,
-            datasplitter_kwargs=datasplitter_kwargs,
-            plan_kwargs=plan_kwargs,
-            **trainer_kwargs,
-        )
+        with quiet_third_party():
+            result = super().train(
+                max_epochs,
+                accelerator,
+                devices,
+                batch_size=batch_size,
+                early_stopping=early_stopping,
+                datasplitter_kwargs=datasplitter_kwargs,
+                plan_kwargs=plan_kwargs,
+                **trainer_kwargs,
+            )
         self.scale_check_ = self.trainer.lightning_module.scale_check
         self.reference_state_ = self.module.bulk_path_state()
         self._calibrate()
@@ -240,10 +240,11 @@ class HPVADE(
         **kwargs
             Passed to :meth:`scvi.model.base.BaseModelClass.load`.
         """
-        if adata is not None:
-            registry = cls.load_registry(dir_path, prefix=kwargs.get("prefix"))
-            check_matches_registry(adata, registry)
-        return super().load(dir_path, adata=adata, **kwargs)
+        with quiet_third_party():
+            if adata is not None:
+                registry = cls.load_registry(dir_path, prefix=kwargs.get("prefix"))
+                check_matches_registry(adata, registry)
+            return super().load(dir_path, adata=adata, **kwargs)
 
     @classmethod
     @setup_anndata_dsp.dedent
