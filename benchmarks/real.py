@@ -143,6 +143,8 @@ def hpvade_runs(ref, bulks, seeds, max_epochs):
         for name, (bulk, _) in bulks.items():
             adata = ad.AnnData(bulk[ref.var_names].astype(np.float32))
             results[("hpvade", name, seed)] = model.get_proportions(adata.copy())
+            if adata.n_obs < 3:  # adapt refuses fewer than 3 samples (Hoek has 2)
+                continue
             adapted = hpvade.HPVADE.load(save(model, seed), adata=ref)
             adapted.adapt(adata)
             results[("hpvade + adapt", name, seed)] = adapted.get_proportions(adata.copy())

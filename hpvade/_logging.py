@@ -1,7 +1,8 @@
 """Quiet third-party output by default; everything stays reachable through logging levels.
 
 Lightning announces the hardware, advertises a logger service and warns about data-loader
-workers on every ``train``; scvi-tools logs "File ... already downloaded" on every ``load``.
+workers on every ``train``; scvi-tools logs "File ... already downloaded" on every ``load`` and
+prints "Exception raised during training" before every training error.
 A user reads these as trouble. Around those calls hpvade raises the third-party loggers to
 WARNING and drops the known notices, unless the ``hpvade`` logger is set to DEBUG
 (``logging.getLogger("hpvade").setLevel(logging.DEBUG)``), which shows everything.
@@ -26,6 +27,30 @@ NOISY_WARNINGS = (
 )
 
 
+#: scvi-tools' TrainRunner prints this before re-raising any training error (hpvade's own clear
+#: errors included), so a user reads two messages for one problem.
+SCVI_EXCEPTION_NOTICE = "Exception raised during training."
+
+
+class _DropNotice:
+    """A stdout wrapper that drops one ``print`` call starting with ``notice``, passing every
+    other write through (progress bars included)."""
+
+    def __init__(self, stream, notice: str):
+        self._stream, self._notice, self._dropping = stream, notice, False
+
+    def write(self, text: str) -> int:
+        if text.startswith(self._notice):
+            self._dropping = True
+        if self._dropping:
+            self._dropping = not text.endswith("\n")
+            return len(text)
+        return self._stream.write(text)
+
+    def __getattr__(self, name):
+        return getattr(self._stream, name)
+
+
 @contextlib.contextmanager
 def quiet_third_party():
     """Silence the known third-party notices for the duration (not when hpvade logs DEBUG)."""
@@ -37,7 +62,10 @@ def quiet_third_party():
     for logger in loggers:
         logger.setLevel(max(logger.getEffectiveLevel(), logging.WARNING))
     try:
-        with warnings.catch_warnings():
+        with (
+            warnings.catch_warnings(),
+            contextlib.redirect_stdout(_DropNotice(sys.stdout, SCVI_EXCEPTION_NOTICE)),
+        ):
             for pattern in NOISY_WARNINGS:
                 warnings.filterwarnings("ignore", message=pattern)
             yield

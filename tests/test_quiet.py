@@ -51,3 +51,19 @@ def test_debug_logging_shows_the_third_party_notices(tmp_path):
     result = _run(tmp_path, prefix)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "GPU available" in result.stdout + result.stderr
+
+
+def test_a_training_error_is_reported_once(tmp_path):
+    """scvi-tools prints "Exception raised during training" before re-raising; hpvade's own
+    error (here a NaN loss) is the only message."""
+    broken = SCRIPT.format().replace(
+        "model.train(",
+        "import torch\ntorch.nn.init.constant_(model.module.signature_logits, float('nan'))\n"
+        "model.train(",
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", broken], capture_output=True, text=True, cwd=tmp_path, timeout=600
+    )
+    assert result.returncode != 0
+    assert "NonFiniteLossError" in result.stderr
+    assert "Exception raised during training" not in result.stdout + result.stderr

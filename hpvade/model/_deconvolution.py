@@ -215,7 +215,8 @@ class DeconvolutionMixin:
                 "the reference, a strong batch or platform effect between the reference and "
                 "the bulk (try `model.adapt(bulk)`), or values on the wrong scale.",
                 UserWarning,
-                stacklevel=settings.warnings_stacklevel,
+                # past this helper, get_proportions and its keyword wrapper: the user's line
+                stacklevel=settings.warnings_stacklevel + 2,
             )
 
     def _write_intervals(self, bulk, cpm, mixture, kind, key_added, n_draws, refine_steps):
