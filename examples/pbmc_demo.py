@@ -27,6 +27,17 @@ SEED = 0
 warnings.filterwarnings("ignore", message="Forward slashes")
 
 
+def undefined_r_notes(per_type: pd.DataFrame) -> list[str]:
+    """Say in words why a per-type r is missing (NaN): the estimate never varies."""
+    return [
+        f"{name}: r is undefined for {', '.join(map(str, per_type.index[per_type[name].isna()]))}"
+        ": the method gives the same fraction (usually 0) in every sample, so there is nothing "
+        "to correlate."
+        for name in per_type.columns
+        if per_type[name].isna().any()
+    ]
+
+
 def main(
     max_epochs: int | None = None, n_samples: int = 300, out: str = "examples/output"
 ) -> dict:
@@ -80,17 +91,12 @@ def main(
             "NNLS": hpvade.metrics.per_type_pearson(nnls, truth),
         }
     )
-    constant = {name: list(per_type.index[per_type[name].isna()]) for name in per_type.columns}
+    notes = undefined_r_notes(per_type)
     per_type = per_type.astype(object).where(per_type.notna(), "constant")
     with pd.option_context("display.precision", 3, "display.width", 120):
         print("\nOverall (held-out pseudobulks)\n", table, sep="")
         print("\nPer-type Pearson r\n", per_type, sep="")
-    for name, types in constant.items():
-        if types:
-            print(
-                f"{name}: r is undefined for {', '.join(map(str, types))}: the method gives "
-                "the same fraction (usually 0) in every sample, so there is nothing to correlate."
-            )
+    print("\n".join(notes))
     print(f"scale check: {model.scale_check_}")
 
     Path(out).mkdir(parents=True, exist_ok=True)

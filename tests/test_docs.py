@@ -177,3 +177,31 @@ def test_scripts_set_omp_wait_policy_and_tutorial_keeps_hpvade_warnings():
     for line in code.splitlines():
         if "filterwarnings" in line and "UserWarning" in line or "category=category" in line:
             assert "module=" in line, line
+
+
+def test_first_contact_texts():
+    """README shows where `bulk` comes from and what train costs; train documents the progress
+    bar; CHANGELOG has a section for the version and no bullets run together; the demo says in
+    words why a per-type r is undefined."""
+    import importlib.util
+    import re
+
+    import numpy as np
+    import pandas as pd
+
+    root = Path(hpvade.__file__).parents[1]
+    readme = root.joinpath("README.md").read_text()
+    quickstart = re.search(r"## Quickstart\n\n```python\n(.*?)```", readme, re.S).group(1)
+    assert "pd.read_csv" in quickstart and "ad.AnnData(table)" in quickstart
+    assert "400 epochs below 20,000 reference cells" in readme
+    doc = inspect.getdoc(hpvade.HPVADE.train)
+    assert "enable_progress_bar" in doc and '"mps, "auto"' not in doc
+    changelog = root.joinpath("CHANGELOG.md").read_text()
+    assert f"## [{hpvade.__version__}]" in changelog
+    assert not re.search(r"[.`)]- [`A-Za-z]", changelog)
+    spec = importlib.util.spec_from_file_location("demo", root / "examples" / "pbmc_demo.py")
+    demo = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(demo)
+    per_type = pd.DataFrame({"NNLS": [0.9, np.nan]}, index=["B", "naive CD4"])
+    (note,) = demo.undefined_r_notes(per_type)
+    assert "NNLS: r is undefined for naive CD4" in note and "same fraction" in note

@@ -216,7 +216,9 @@ def test_load_with_other_genes_or_labels_is_refused(tmp_path):
         model.train(max_epochs=1, n_pseudobulk=32, enable_progress_bar=False)
     model.save(tmp_path / "m")
     fewer = make_reference()[:, :50].copy()
-    with pytest.raises(ValueError, match=r"genes differ.*10 missing.*align it first"):
+    with pytest.raises(
+        ValueError, match=r"genes differ.*10 missing.*align it first.*load_registry"
+    ):
         hpvade.HPVADE.load(tmp_path / "m", adata=fewer)
     relabelled = make_reference()
     relabelled.obs["cell_type"] = relabelled.obs["cell_type"].cat.rename_categories(
