@@ -175,11 +175,13 @@ def figure(results, bulks, path: Path) -> None:
                     for column in truth.columns:
                         ax.scatter(truth[column], pred[column], s=12, label=column)
                     break
+            if not ax.collections:
+                ax.text(0.05, 0.5, "not run (adapt needs 3 samples)", fontsize=7)
             ax.plot([0, 0.7], [0, 0.7], color="grey", lw=0.5)
             ax.set_title(f"{method}\n{name}", fontsize=8)
             ax.set_xlabel("flow cytometry", fontsize=7)
             ax.set_ylabel("estimated", fontsize=7)
-    axes[0, -1].legend(fontsize=5)
+        axes[i, -1].legend(fontsize=5)  # each data set has its own type names
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
