@@ -115,7 +115,11 @@ class CalibrationMixin:
             self._score_samples(unexplained_expression, cpm, estimate, signature)
             for signature, cpm, _, estimate, _ in fits
         ]
-        self.unexplained_threshold_ = 0.5 * float(np.quantile(np.concatenate(scores), quantile))
+        # Unadapted: half-reference signatures about double the score's noise, hence the
+        # half. Adapted: each half-split S is adapted to its own pseudobulks, as the served S
+        # is to the user's bulk, so the scores are on the served footing: no halving.
+        factor = 1.0 if self.gene_weights_ is not None else 0.5
+        self.unexplained_threshold_ = factor * float(np.quantile(np.concatenate(scores), quantile))
         logger.info("Unexplained-sample threshold: %.4g.", self.unexplained_threshold_)
         return self.unexplained_threshold_
 
