@@ -32,6 +32,7 @@ import scanpy as sc
 import scvi
 
 import hpvade
+from hpvade.data._pseudobulk import cpm_rows, rna_to_cell_fractions
 
 HERE = Path(__file__).resolve().parent
 DATA = HERE.parents[1] / "shared" / "data" / "real"
@@ -89,18 +90,10 @@ def score(props: pd.DataFrame, truth: pd.DataFrame) -> tuple[float, float]:
 
 def nnls_all_genes(ref: ad.AnnData, bulk: pd.DataFrame) -> pd.DataFrame:
     signature = hpvade.pp.build_signature(ref, LABELS, counts_layer="counts")
-    values = bulk[signature.index].to_numpy(float)
-    cpm = values / values.sum(axis=1, keepdims=True) * 1e6
-    props = hpvade.baselines.nnls_proportions(cpm, signature)
-    content = ref_rna_content(ref)
-    cells = props / content[None, :]
-    return pd.DataFrame(cells / cells.sum(1, keepdims=True), bulk.index, signature.columns)
-
-
-def ref_rna_content(ref: ad.AnnData) -> np.ndarray:
-    totals = np.asarray(ref.layers["counts"].sum(axis=1)).ravel()
-    codes = ref.obs[LABELS].cat.codes.to_numpy()
-    return np.bincount(codes, weights=totals) / np.bincount(codes)
+    cpm = cpm_rows(bulk[signature.index].to_numpy(float), inplace=True)
+    rna = hpvade.baselines.nnls_proportions(cpm, signature)
+    content = hpvade.baselines.type_rna_content(ref, LABELS, "counts")
+    return pd.DataFrame(rna_to_cell_fractions(rna, content), bulk.index, signature.columns)
 
 
 def rectangle(ref: ad.AnnData, bulk: pd.DataFrame, tmp: Path) -> pd.DataFrame:

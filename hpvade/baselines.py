@@ -7,6 +7,25 @@ import pandas as pd
 from anndata import AnnData
 from scipy.optimize import nnls
 
+from hpvade.data._labels import get_label_codes
+from hpvade.data._pseudobulk import cell_totals, cpm_rows, mean_per_type, rna_to_cell_fractions
+from hpvade.data._signature import build_signature
+
+__all__ = [
+    "adaptive_nnls_proportions",
+    "dampened_nnls_proportions",
+    "marker_genes_wilcoxon",
+    "marker_recipe_proportions",
+    "nnls_proportions",
+    "type_rna_content",
+]
+
+
+def _rows_sum_to_one(coef: np.ndarray) -> np.ndarray:
+    """Rescale rows to sum to 1; an all-zero row becomes uniform."""
+    totals = coef.sum(axis=1, keepdims=True)
+    return np.divide(coef, totals, out=np.full_like(coef, 1 / coef.shape[1]), where=totals > 0)
+
 
 def nnls_proportions(bulk_cpm: np.ndarray, signature: np.ndarray | pd.DataFrame) -> np.ndarray:
     """Non-negative least squares of each bulk sample on the signature, rescaled to sum to 1.
@@ -25,8 +44,7 @@ def nnls_proportions(bulk_cpm: np.ndarray, signature: np.ndarray | pd.DataFrame)
     signature = np.asarray(signature, dtype=float)
     bulk_cpm = np.asarray(bulk_cpm, dtype=float)
     coef = np.stack([nnls(signature, sample)[0] for sample in bulk_cpm])
-    totals = coef.sum(axis=1, keepdims=True)
-    return np.divide(coef, totals, out=np.full_like(coef, 1 / coef.shape[1]), where=totals > 0)
+    return _rows_sum_to_one(coef)
 
 
 def adaptive_nnls_proportions(
@@ -65,10 +83,7 @@ def adaptive_nnls_proportions(
     for _ in range(n_rounds):
         P = proportions_given(S)
         S = np.stack([nnls(P, bulk[:, g])[0] for g in range(bulk.shape[1])])
-    P = proportions_given(S)
-    totals = P.sum(axis=1, keepdims=True)
-    P = np.divide(P, totals, out=np.full_like(P, 1 / P.shape[1]), where=totals > 0)
-    return P, S
+    return _rows_sum_to_one(proportions_given(S)), S
 
 
 def marker_genes_wilcoxon(
@@ -125,8 +140,7 @@ def dampened_nnls_proportions(
         coef = np.stack(
             [nnls(signature * w[:, None], b * w)[0] for b, w in zip(bulk, weights, strict=True)]
         )
-    totals = coef.sum(axis=1, keepdims=True)
-    return np.divide(coef, totals, out=np.full_like(coef, 1 / coef.shape[1]), where=totals > 0)
+    return _rows_sum_to_one(coef)
 
 
 def marker_recipe_proportions(
@@ -157,20 +171,30 @@ def marker_recipe_proportions(
     -------
     Samples × types proportions (rows sum to 1).
     """
-    from hpvade.data._signature import build_signature
-
     markers = marker_genes_wilcoxon(reference, labels_key, n_genes)
     markers = markers[markers.isin(bulk.columns)]
     signature = build_signature(reference, labels_key, counts_layer=counts_layer).loc[markers]
     signature = signature / signature.sum(axis=0) * 1e6
-    values = bulk[markers].to_numpy(dtype=float)
-    values = values / values.sum(axis=1, keepdims=True) * 1e6
-    rna = dampened_nnls_proportions(values, signature.to_numpy())
+    values = cpm_rows(bulk[markers].to_numpy(dtype=float), inplace=True)
+    proportions = dampened_nnls_proportions(values, signature.to_numpy())
     if counts_layer is not None:
-        counts = reference.layers[counts_layer]
-        totals = np.asarray(counts.sum(axis=1)).ravel()
-        labels = reference.obs[labels_key].astype("category")
-        content = pd.Series(totals).groupby(labels.cat.codes.to_numpy()).mean().to_numpy()
-        cells = rna / content[None, :]
-        rna = cells / cells.sum(axis=1, keepdims=True)
-    return pd.DataFrame(rna, index=bulk.index, columns=signature.columns)
+        content = type_rna_content(reference, labels_key, counts_layer)
+        proportions = rna_to_cell_fractions(proportions, content)
+    return pd.DataFrame(proportions, index=bulk.index, columns=signature.columns)
+
+
+def type_rna_content(reference: AnnData, labels_key: str, counts_layer: str) -> np.ndarray:
+    """Each type's RNA content: mean raw counts per cell, in the label categories' order.
+
+    Parameters
+    ----------
+    reference
+        Reference with raw counts in ``counts_layer``.
+    labels_key
+        Column of ``reference.obs`` with cell-type labels.
+    counts_layer
+        Layer with raw counts.
+    """
+    codes, categories = get_label_codes(reference, labels_key)
+    totals = cell_totals(reference, counts_layer, log1p=False)
+    return mean_per_type(totals, codes, len(categories))

@@ -62,14 +62,17 @@ def test_signature_properties(adata, seed):
     references(), st.integers(1, 20), st.integers(1, 50), st.floats(0.1, 5.0), st.integers(0, 99)
 )
 def test_pseudobulk_properties(adata, n_samples, cells, alpha, seed):
-    pb = hpvade.pp.simulate_pseudobulk(
-        adata,
-        "cell_type",
-        n_pseudobulk=n_samples,
-        cells_per_pseudobulk=cells,
-        dirichlet_alpha=alpha,
-        seed=seed,
-    )
+    def simulate():
+        return hpvade.pp.simulate_pseudobulk(
+            adata,
+            "cell_type",
+            n_pseudobulk=n_samples,
+            cells_per_pseudobulk=cells,
+            dirichlet_alpha=alpha,
+            seed=seed,
+        )
+
+    pb = simulate()
     x = _dense(pb.X)
     np.testing.assert_allclose(x.sum(1), 1e6, rtol=1e-5)
     assert (x >= 0).all()
@@ -77,13 +80,6 @@ def test_pseudobulk_properties(adata, n_samples, cells, alpha, seed):
     np.testing.assert_allclose(props.sum(1), 1.0)
     # recorded proportions are sampled cell fractions: whole cells out of `cells`
     np.testing.assert_allclose(props * cells, np.round(props * cells), atol=1e-9)
-    again = hpvade.pp.simulate_pseudobulk(
-        adata,
-        "cell_type",
-        n_pseudobulk=n_samples,
-        cells_per_pseudobulk=cells,
-        dirichlet_alpha=alpha,
-        seed=seed,
-    )
+    again = simulate()
     np.testing.assert_array_equal(_dense(again.X), x)
     np.testing.assert_array_equal(again.obsm["proportions"].to_numpy(), props)

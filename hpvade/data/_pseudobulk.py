@@ -85,6 +85,19 @@ def rna_fractions(
     return per_type / np.maximum(per_type.sum(axis=1, keepdims=True), 1e-300)
 
 
+def mean_per_type(values: np.ndarray, codes: np.ndarray, n_types: int) -> np.ndarray:
+    """Mean of a per-cell value within each type (e.g. RNA content: counts per cell)."""
+    sizes = np.bincount(codes, minlength=n_types)
+    return np.bincount(codes, weights=values, minlength=n_types) / np.maximum(sizes, 1)
+
+
+def rna_to_cell_fractions(rna: np.ndarray, content: np.ndarray) -> np.ndarray:
+    """RNA fractions (samples × types) to cell fractions: divide by each type's RNA content
+    (mean counts per cell), renormalise."""
+    cells = rna / np.maximum(np.asarray(content, dtype=float), 1e-12)
+    return cells / cells.sum(axis=1, keepdims=True)
+
+
 def mix_cells(
     adata: AnnData,
     counts: sp.csr_matrix,

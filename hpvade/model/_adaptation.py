@@ -134,7 +134,7 @@ class AdaptationMixin:
         }
         rng = np.random.default_rng((settings.seed or 0) if seed is None else seed)
         self.module.eval()
-        prior = self.module.signature().detach().cpu().double().numpy()
+        prior = self.module.signature_array()
         result = self._learn_signature(cpm, prior, self._network_proportions(cpm), rng, options)
         summary = {**result.as_dict(), "n_samples": int(cpm.shape[0]), **options}
         if result.kept:

@@ -37,10 +37,8 @@ class CalibrationMixin:
         rng = np.random.default_rng(seed)
         fits = list(self._calibration_fits(UNEXPLAINED_CALIBRATION_PSEUDOBULKS, rng))
         self._calibrate_unexplained_on(fits, UNEXPLAINED_QUANTILE)
-        subset = [
-            tuple(part[:INTERVAL_CALIBRATION_PSEUDOBULKS] for part in fit[1:4]) for fit in fits
-        ]
-        fits = [(f[0], *s, f[4]) for f, s in zip(fits, subset, strict=True)]
+        n = INTERVAL_CALIBRATION_PSEUDOBULKS  # the intervals use the first n of each split
+        fits = [(s, cpm[:n], truth[:n], est[:n], w) for s, cpm, truth, est, w in fits]
         self._calibrate_uncertainty_on(fits, INTERVAL_CALIBRATION_DRAWS, INTERVAL_COVERAGE, rng)
 
     def _calibration_fits(
@@ -71,8 +69,10 @@ class CalibrationMixin:
                 yield signature, cpm, truth, estimate, None
                 continue
             result = self._learn_signature(cpm, signature, initial, rng, self.adaptation_)
-            weights = result.gene_weights
-            estimate = fit_proportions(cpm, result.signature, initial, 1, weights)
+            weights = result.gene_weights  # None where the held-out guard kept the half S
+            estimate = fit_proportions(
+                cpm, result.signature, initial, DEFAULT_REFINE_STEPS, weights, self.module.device
+            )
             yield result.signature, cpm, truth, estimate, weights
 
     @renamed_keywords(n_samples="n_pseudobulk")

@@ -24,6 +24,7 @@ from hpvade._constants import (
 from hpvade._intervals import interval
 from hpvade._solvers import DEFAULT_REFINE_STEPS, fit_proportions
 from hpvade.data._bulk import as_bulk_anndata, bulk_to_cpm, gene_report
+from hpvade.data._pseudobulk import rna_to_cell_fractions
 from hpvade.module import bulk_reconstruction_error, unexplained_expression
 
 logger = logging.getLogger(__name__)
@@ -121,7 +122,7 @@ class DeconvolutionMixin:
     @torch.inference_mode()
     def get_signature(self) -> pd.DataFrame:
         """The signature S being served (genes × cell types, CPM; columns sum to 1e6)."""
-        signature = self.module.signature().double().cpu().numpy()
+        signature = self.module.signature_array()
         return pd.DataFrame(signature, index=self.var_names, columns=self.cell_types)
 
     # ------------------------------------------------------------------------------ helpers
@@ -172,7 +173,7 @@ class DeconvolutionMixin:
     ) -> np.ndarray:
         """The served proportions: the network's output, fitted to the bulk with the model's S
         (see :func:`hpvade._solvers.fit_proportions`)."""
-        signature = self.module.signature().detach().cpu().double().numpy()
+        signature = self.module.signature_array()
         proportions = fit_proportions(
             cpm,
             signature,
@@ -196,8 +197,7 @@ class DeconvolutionMixin:
         """Mixture (RNA) fractions to cell fractions, where RNA content is known."""
         if kind == "rna" or self.rna_content_ is None:
             return mixture
-        cells = mixture / np.maximum(np.asarray(self.rna_content_, dtype=float), 1e-12)
-        return cells / cells.sum(axis=1, keepdims=True)
+        return rna_to_cell_fractions(mixture, self.rna_content_)
 
     def _flag_unexplained(self, bulk: AnnData, cpm: np.ndarray, mixture: np.ndarray) -> None:
         score = self._score_samples(unexplained_expression, cpm, mixture)
@@ -226,7 +226,7 @@ class DeconvolutionMixin:
                 "without its reference): call `model.calibrate_uncertainty()` once, then ask "
                 "for draws again."
             )
-        signature = self.module.signature().detach().cpu().double().numpy()
+        signature = self.module.signature_array()
         if self.signature_ratios_ is not None and n_draws <= len(self.signature_ratios_):
             ratios = self.signature_ratios_[:n_draws].astype(float)  # drawn at calibration
         else:

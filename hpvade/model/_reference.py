@@ -13,6 +13,7 @@ from scvi import REGISTRY_KEYS, settings
 from hpvade.data._pseudobulk import (
     cell_totals,
     cpm_rows,
+    mean_per_type,
     mix_cells,
     rna_fractions,
     sample_cell_counts,
@@ -43,8 +44,7 @@ class ReferenceMixin:
         warn_if_flat(signature, stacklevel=settings.warnings_stacklevel + 1)
         self.type_cell_counts_ = np.bincount(codes, minlength=n_labels)
         if not log1p:  # a count layer: mean counts per cell of each type (RNA content)
-            per_type = np.bincount(codes, weights=self._cell_totals(), minlength=n_labels)
-            self.rna_content_ = per_type / np.maximum(self.type_cell_counts_, 1)
+            self.rna_content_ = mean_per_type(self._cell_totals(), codes, n_labels)
         return signature
 
     def _require_reference(self, what: str) -> None:

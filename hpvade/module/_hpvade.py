@@ -107,6 +107,11 @@ class HPVADEModule(BaseModuleClass):
         """The current signature S (genes × types, CPM)."""
         return CPM_SCALE * torch.softmax(self.signature_logits, dim=0)
 
+    @torch.no_grad()
+    def signature_array(self) -> np.ndarray:
+        """S as a float64 numpy array (genes × types) on the CPU."""
+        return self.signature().double().cpu().numpy()
+
     def _signature_to_logits(self, signature: np.ndarray) -> torch.Tensor:
         values = np.asarray(signature, dtype=np.float64) + self.signature_pseudocount
         return torch.as_tensor(np.log(values), dtype=torch.float32)
