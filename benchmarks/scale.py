@@ -323,7 +323,7 @@ def main() -> None:
             sel = table[table.cells == n].set_index("step").seconds
             fixed = sel[POOLS] + sel[CALIBRATION]
             per_epoch = (sel[EPOCH] - fixed) / EPOCHS
-            default_epochs = hpvade.model._hpvade.max_epochs_heuristic(n)
+            default_epochs = hpvade.train.max_epochs_heuristic(n)
             share = fixed / (fixed + default_epochs * per_epoch)
             lines.append(
                 f"- {n:,} cells: hpvade / SCVI, whole train() of {EPOCHS} epochs "

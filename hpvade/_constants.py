@@ -17,6 +17,7 @@ PSEUDOBULK_PROPORTIONS_KEY = "proportions"
 PSEUDOBULK_RNA_PROPORTIONS_KEY = "rna_proportions"
 UNEXPLAINED_KEY = "hpvade_unexplained"
 UNEXPLAINED_SCORE_KEY = "hpvade_unexplained_score"
+UNKNOWN_FRACTION_KEY = "hpvade_unknown_fraction"
 GENE_REPORT_KEY = "hpvade_gene_report"
 ESTIMATOR_KEY = "hpvade_estimator"
 

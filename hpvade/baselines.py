@@ -7,6 +7,7 @@ import pandas as pd
 from anndata import AnnData
 from scipy.optimize import nnls
 
+from hpvade.data._genes import wilcoxon_markers
 from hpvade.data._labels import get_label_codes
 from hpvade.data._pseudobulk import cell_totals, cpm_rows, mean_per_type, rna_to_cell_fractions
 from hpvade.data._signature import build_signature
@@ -103,17 +104,17 @@ def marker_genes_wilcoxon(
     min_log_fold_change
         Minimum log2 fold change of a marker against the other cells.
     """
-    import scanpy as sc
-
-    adata = AnnData(reference.X, obs=reference.obs[[labels_key]].copy(), var=reference.var[[]])
-    adata.obs[labels_key] = adata.obs[labels_key].astype("category")
-    sc.tl.rank_genes_groups(adata, labels_key, method="wilcoxon", use_raw=False)
-    chosen: list[str] = []
-    for group in adata.obs[labels_key].cat.categories:
-        table = sc.get.rank_genes_groups_df(adata, str(group))
-        table = table[table["logfoldchanges"] > min_log_fold_change]
-        chosen += [g for g in table["names"].head(n_genes) if g not in chosen]
-    return pd.Index(chosen)
+    codes, categories = get_label_codes(reference, labels_key)
+    markers = wilcoxon_markers(
+        reference.X,
+        codes,
+        categories,
+        reference.var_names,
+        n_genes,
+        min_log_fold_change,
+        max_cells_per_type=None,
+    )
+    return pd.Index(markers.index)
 
 
 def dampened_nnls_proportions(

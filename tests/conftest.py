@@ -44,6 +44,20 @@ def test_bulk(pbmc_split):
     )
 
 
+@pytest.fixture(scope="session")
+def missing_type_model(pbmc_split):
+    """A model trained on the reference half without its CD14+ monocytes."""
+    ref = pbmc_split[0][pbmc_split[0].obs[LABELS] != "CD14+ Monocyte"].copy()
+    ref.obs[LABELS] = ref.obs[LABELS].cat.remove_unused_categories()
+    return train_briefly(ref)
+
+
+@pytest.fixture(scope="session")
+def flag_bulk(pbmc_split):
+    """300 held-out pseudobulks (all types, monocytes included)."""
+    return hpvade.pp.simulate_pseudobulk(pbmc_split[1], LABELS, n_pseudobulk=300, seed=1)
+
+
 def train_briefly(ref, max_epochs: int = 60, **setup_kwargs):
     """Register ``ref`` (labels ``LABELS`` unless given) and train a default model, seed 0."""
     scvi.settings.seed = 0

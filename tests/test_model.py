@@ -69,15 +69,51 @@ def test_raw_counts_and_cpm_give_same_proportions(trained, test_bulk):
     np.testing.assert_allclose(a.to_numpy(), b.to_numpy(), atol=1e-5)
 
 
-def test_log_bulk_and_missing_genes_are_refused(trained, test_bulk):
+def _quiet(call, *args, **kwargs):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return call(*args, **kwargs)
+
+
+def _quiet_flag(call, *args, **kwargs):
+    """``call`` with the unexplained-sample flag's warning silenced, others kept."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*not explained by the reference")
+        return call(*args, **kwargs)
+
+
+def test_log_bulk_is_refused(trained, test_bulk):
     logged = test_bulk.copy()
     logged.X = np.log1p(logged.X)
     with pytest.raises(ValueError, match="looks log-transformed.*pass raw counts, CPM or TPM"):
         trained.get_proportions(logged)
-    missing = test_bulk[:, test_bulk.var_names[5:]].copy()
-    with pytest.raises(ValueError, match=r"5 of 765 reference genes are missing.*Restrict"):
-        trained.get_proportions(missing)
     assert "hpvade_proportions" not in logged.obsm
+
+
+def test_bulk_lacking_genes_is_fitted_on_the_rest(trained, test_bulk):
+    full = test_bulk.copy()
+    expected = _quiet(trained.get_proportions, full).to_numpy()
+    selected = pd.Index(trained.selected_genes_)
+    # a few selected genes missing: fitted on the rest, no warning, the report names them
+    few = test_bulk[:, ~test_bulk.var_names.isin(selected[:3])].copy()
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*lacks.*selected genes")
+        got = _quiet_flag(trained.get_proportions, few).to_numpy()
+    assert np.abs(got - expected).mean() < 0.01
+    report = few.uns["hpvade_gene_report"]
+    assert sorted(report["selected_missing"]) == sorted(selected[:3])
+    assert len(report["used_genes"]) == len(selected) - 3
+    assert few.obs["hpvade_unknown_fraction"].between(0, 1).all()
+    # a fifth missing: still fitted, with a warning naming the count
+    many = test_bulk[:, ~test_bulk.var_names.isin(selected[::5])].copy()
+    n_missing = len(selected[::5])
+    with pytest.warns(UserWarning, match=rf"lacks {n_missing} of the model's {len(selected)}"):
+        got = trained.get_proportions(many).to_numpy()
+    assert np.corrcoef(got.ravel(), expected.ravel())[0, 1] > 0.9
+    # too few left: an error that says how many are needed
+    none = test_bulk[:, ~test_bulk.var_names.isin(selected)].copy()
+    with pytest.raises(ValueError, match=r"has 0 of the model's .* selected genes; at least"):
+        trained.get_proportions(none)
 
 
 def test_extra_and_reordered_bulk_genes_are_matched_by_name(trained, test_bulk):

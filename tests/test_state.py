@@ -72,7 +72,7 @@ def test_train_after_adapt_serves_the_reference_estimator(trained, cohorts, tmp_
     bulk = cohort.copy()
     _quiet(model.get_proportions, bulk)
     assert bulk.uns["hpvade_estimator"] == unadapted
-    assert unadapted == {"estimator": "anscombe_refinement", "adapted": False, "refine_steps": 20}
+    assert unadapted == {"estimator": "robust_dampened_wls", "adapted": False, "refine_steps": 30}
     np.testing.assert_allclose(model.get_signature().to_numpy(), before, rtol=1e-4, atol=1e-3)
 
 

@@ -145,7 +145,12 @@ def test_public_calls_change_only_documented_keys(pbmc_split, trained, test_bulk
     snapshot = bulk.copy()
     trained.get_proportions(bulk)
     assert set(bulk.obsm) - set(snapshot.obsm) == {"hpvade_proportions"}
-    written = {"hpvade_fit_score", "hpvade_unexplained_score", "hpvade_unexplained"}
+    written = {
+        "hpvade_fit_score",
+        "hpvade_unexplained_score",
+        "hpvade_unexplained",
+        "hpvade_unknown_fraction",
+    }
     assert set(bulk.obs.columns) - set(snapshot.obs.columns) == written
     assert set(bulk.uns) - set(snapshot.uns) == {"hpvade_gene_report", "hpvade_estimator"}
     del bulk.obsm["hpvade_proportions"], bulk.uns["hpvade_gene_report"]

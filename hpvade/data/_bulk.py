@@ -46,8 +46,10 @@ def as_bulk_anndata(bulk) -> AnnData:
     )
 
 
-def gene_report(bulk: AnnData, genes: pd.Index, cpm: np.ndarray) -> dict:
-    """How the bulk's genes met the reference's: found, missing, ignored, all-zero.
+def gene_report(
+    bulk: AnnData, genes: pd.Index, cpm: np.ndarray, selected: pd.Index | None = None
+) -> dict:
+    """How the bulk's genes met the reference's: found, missing, ignored, all-zero, used.
 
     Parameters
     ----------
@@ -57,17 +59,30 @@ def gene_report(bulk: AnnData, genes: pd.Index, cpm: np.ndarray) -> dict:
         The reference genes (the model's ``var_names``).
     cpm
         The bulk's CPM over ``genes`` (samples × genes), from :func:`bulk_to_cpm`.
+    selected
+        The genes the proportion fit uses (the model's ``selected_genes_``).
 
     Returns
     -------
-    A JSON-friendly dict: ``n_reference_genes``, ``n_found``, ``missing_genes`` (always empty:
-    a missing reference gene is an error), ``n_extra_ignored`` and ``extra_genes_example`` (bulk
-    genes the reference does not have), ``all_zero_genes`` (reference genes that are zero in
-    every bulk sample, which then only pull their S entries' reconstruction towards zero).
+    A JSON-friendly dict: ``n_reference_genes``, ``n_found``, ``missing_genes`` (reference genes
+    the bulk lacks), ``n_extra_ignored`` and ``extra_genes_example`` (bulk genes the reference
+    does not have), ``all_zero_genes`` (reference genes that are zero in every bulk sample),
+    ``n_selected`` and ``used_genes`` (selected genes the bulk has: the genes the fit used) and
+    ``selected_missing`` (selected genes the bulk lacks).
     """
     extra = bulk.var_names.difference(genes, sort=False)
     zero = genes[cpm.sum(axis=0) <= 0]
+    if selected is not None:
+        used = selected[selected.isin(bulk.var_names)]
+        selection = {
+            "n_selected": int(len(selected)),
+            "used_genes": [str(g) for g in used],
+            "selected_missing": [str(g) for g in selected.difference(bulk.var_names)],
+        }
+    else:
+        selection = {}
     return {
+        **selection,
         "n_reference_genes": int(len(genes)),
         "n_found": int(genes.isin(bulk.var_names).sum()),
         "missing_genes": [str(g) for g in genes.difference(bulk.var_names)],
@@ -78,17 +93,20 @@ def gene_report(bulk: AnnData, genes: pd.Index, cpm: np.ndarray) -> dict:
     }
 
 
-def bulk_to_cpm(bulk: AnnData, genes: pd.Index, layer: str | None = None) -> np.ndarray:
+def bulk_to_cpm(
+    bulk: AnnData, genes: pd.Index, layer: str | None = None, allow_missing: bool = False
+) -> np.ndarray:
     """Return the bulk samples' CPM over ``genes`` (samples × genes, float64).
 
     Genes are matched by name (extra bulk genes are ignored) and the matched counts are
-    CPM-normalised, so raw counts, CPM and TPM all give the same result.
+    CPM-normalised, so raw counts, CPM and TPM all give the same result. With
+    ``allow_missing``, genes the bulk lacks are 0 and the CPM is over the genes it has.
 
     Raises
     ------
     ValueError
-        Reference genes are missing, values are log-scale, negative or non-finite, or a sample
-        has no counts on the reference genes.
+        Reference genes are missing (unless ``allow_missing``), values are log-scale,
+        negative or non-finite, or a sample has no counts on the reference genes.
     """
     if not bulk.var_names.is_unique:
         dup = bulk.var_names[bulk.var_names.duplicated()].unique()[:5].tolist()
@@ -97,7 +115,7 @@ def bulk_to_cpm(bulk: AnnData, genes: pd.Index, layer: str | None = None) -> np.
             "e.g. `bulk = bulk[:, ~bulk.var_names.duplicated()].copy()`."
         )
     missing = genes.difference(bulk.var_names)
-    if len(missing) > 0:
+    if len(missing) > 0 and not allow_missing:
         raise ValueError(
             f"{len(missing)} of {len(genes)} reference genes are missing from the bulk "
             f"(e.g. {missing[:5].tolist()}). Restrict the reference to shared genes before "
@@ -105,11 +123,14 @@ def bulk_to_cpm(bulk: AnnData, genes: pd.Index, layer: str | None = None) -> np.
             "`HPVADE.setup_anndata(ref, ...)` and train again."
         )
     columns = bulk.var_names.get_indexer(genes)
+    found = columns >= 0
     matrix = get_matrix(bulk, layer)
     if not np.array_equal(columns, np.arange(bulk.n_vars)):
-        matrix = matrix[:, columns]
-    values = matrix.toarray() if sp.issparse(matrix) else np.asarray(matrix)
-    values = values.astype(np.float64)  # always a copy: the user's data is never modified
+        matrix = matrix[:, columns[found]]
+    found_values = matrix.toarray() if sp.issparse(matrix) else np.asarray(matrix)
+    # always a copy: the user's data is never modified
+    values = np.zeros((bulk.n_obs, len(genes)), dtype=np.float64)
+    values[:, found] = found_values
     where = f"`bulk.layers[{layer!r}]`" if layer else "`bulk.X`"
     if not np.all(np.isfinite(values)):
         raise ValueError(f"{where} contains NaN or infinite values; remove or impute them.")

@@ -98,6 +98,17 @@ def rna_to_cell_fractions(rna: np.ndarray, content: np.ndarray) -> np.ndarray:
     return cells / cells.sum(axis=1, keepdims=True)
 
 
+def with_unknown_content(
+    rna: np.ndarray, unknown_rna: np.ndarray, content: np.ndarray
+) -> np.ndarray:
+    """The cell share of content of unknown type, from its RNA share, counting its cells with
+    the known types' mean RNA content (``rna``: known types' RNA fractions, rows sum to 1)."""
+    known_cells = (rna * (1.0 - unknown_rna)[:, None] / content).sum(axis=1)
+    unknown_cells = unknown_rna / float(np.mean(content))
+    total = known_cells + unknown_cells
+    return np.divide(unknown_cells, total, out=np.zeros_like(total), where=total > 0)
+
+
 def mix_cells(
     adata: AnnData,
     counts: sp.csr_matrix,

@@ -10,7 +10,7 @@ from anndata import AnnData
 from scvi import settings
 
 from hpvade._signature_fit import AdaptationResult, adapt_signature
-from hpvade._solvers import DEFAULT_REFINE_STEPS, fit_proportions
+from hpvade._solvers import DEFAULT_REFINE_STEPS, anscombe_proportions
 from hpvade.data._bulk import as_bulk_anndata
 from hpvade.model._fitted_state import reset_fitted_state
 
@@ -109,7 +109,7 @@ class AdaptationMixin:
         ``n_rounds_run``, held-out ``validation_error`` (weighted squared error with the
         unadapted and the adapted S), sample counts and the settings.
         """
-        cpm = self._bulk_cpm(as_bulk_anndata(bulk), layer)
+        cpm, _ = self._bulk_cpm(as_bulk_anndata(bulk), layer)
         if cpm.shape[0] < MIN_ADAPT_SAMPLES:
             raise ValueError(
                 f"adapt needs at least {MIN_ADAPT_SAMPLES} bulk samples, got {cpm.shape[0]}: it "
@@ -141,7 +141,7 @@ class AdaptationMixin:
             self.module.set_signature(result.signature)
             self.gene_weights_ = result.gene_weights
             self.adaptation_ = summary
-            self._distill(cpm, self._deconvolve(cpm, None, DEFAULT_REFINE_STEPS), distill_steps)
+            self._distill(cpm, self._deconvolve(cpm, None, DEFAULT_REFINE_STEPS)[0], distill_steps)
         self._calibrate()
         logger.info(
             "Adapted S on %d bulk samples: %s after %d rounds (held-out error %.4g -> %.4g).",
@@ -166,8 +166,8 @@ class AdaptationMixin:
         counts = np.asarray(self.type_cell_counts_, dtype=float)
         cohort = min(1.0, cpm.shape[0] / SMALL_COHORT)
         strength = options.pop("prior_strength") * cohort * counts / counts.mean()
-        initial = fit_proportions(
-            cpm, prior, network_proportions, ADAPT_START_REFINE_STEPS, device=self.module.device
+        initial = anscombe_proportions(
+            cpm, prior, network_proportions, ADAPT_START_REFINE_STEPS, self.module.device
         )
         initial = initial / initial.sum(axis=1, keepdims=True)
         return adapt_signature(cpm, prior, initial, strength, rng=rng, **options)

@@ -11,7 +11,7 @@ import torch
 
 from hpvade._compat import renamed_keywords
 from hpvade._intervals import conformal_scale
-from hpvade._solvers import DEFAULT_REFINE_STEPS, fit_proportions
+from hpvade._solvers import DEFAULT_REFINE_STEPS, DRAW_REFINE_STEPS, fit_proportions
 from hpvade.module import unexplained_expression
 
 logger = logging.getLogger(__name__)
@@ -63,15 +63,20 @@ class CalibrationMixin:
         for signature, cpm, truth in splits:
             initial = self._network_proportions(cpm)
             if not adapted:
-                estimate = fit_proportions(
-                    cpm, signature, initial, DEFAULT_REFINE_STEPS, device=self.module.device
+                estimate, _ = fit_proportions(
+                    cpm, signature, initial, DEFAULT_REFINE_STEPS, genes=self._fit_gene_index()
                 )
                 yield signature, cpm, truth, estimate, None
                 continue
             result = self._learn_signature(cpm, signature, initial, rng, self.adaptation_)
             weights = result.gene_weights  # None where the held-out guard kept the half S
-            estimate = fit_proportions(
-                cpm, result.signature, initial, DEFAULT_REFINE_STEPS, weights, self.module.device
+            estimate, _ = fit_proportions(
+                cpm,
+                result.signature,
+                initial,
+                DEFAULT_REFINE_STEPS,
+                weights,
+                self._fit_gene_index(),
             )
             yield result.signature, cpm, truth, estimate, weights
 
@@ -167,7 +172,8 @@ class CalibrationMixin:
         ratios = self.signature_ratios_
         truths, estimates, draws = [], [], []
         for signature, cpm, truth, estimate, weights in fits:
-            draws.append(self._proportion_draws(cpm, signature, estimate, ratios, weights))
+            fit_genes = {"gene_weights": weights, "genes": self._fit_gene_index()}
+            draws.append(self._proportion_draws(cpm, signature, estimate, ratios, fit_genes))
             truths.append(truth)
             estimates.append(estimate)
         self.interval_scale_ = conformal_scale(truths, estimates, draws, coverage)
@@ -231,8 +237,8 @@ class CalibrationMixin:
         signature: np.ndarray,
         estimate: np.ndarray,
         ratios: np.ndarray,
-        gene_weights: np.ndarray | None,
-        refine_steps: int = DEFAULT_REFINE_STEPS,
+        fit_genes: dict,
+        refine_steps: int = DRAW_REFINE_STEPS,
     ) -> np.ndarray:
         """Proportions re-fitted under each perturbed signature (draws × samples × types), by
         the fit the model serves, started from ``estimate``."""
@@ -240,9 +246,5 @@ class CalibrationMixin:
         for ratio in ratios:
             perturbed = signature * ratio
             perturbed = perturbed / perturbed.sum(axis=0, keepdims=True) * 1e6
-            draws.append(
-                fit_proportions(
-                    cpm, perturbed, estimate, refine_steps, gene_weights, self.module.device
-                )
-            )
+            draws.append(fit_proportions(cpm, perturbed, estimate, refine_steps, **fit_genes)[0])
         return np.stack(draws)

@@ -20,17 +20,22 @@ from hpvade._constants import (
     PROPORTIONS_KEY,
     UNEXPLAINED_KEY,
     UNEXPLAINED_SCORE_KEY,
+    UNKNOWN_FRACTION_KEY,
 )
 from hpvade._intervals import interval
-from hpvade._solvers import DEFAULT_REFINE_STEPS, fit_proportions
+from hpvade._solvers import DEFAULT_REFINE_STEPS, DRAW_REFINE_STEPS, fit_proportions
 from hpvade.data._bulk import as_bulk_anndata, bulk_to_cpm, gene_report
-from hpvade.data._pseudobulk import rna_to_cell_fractions
+from hpvade.data._pseudobulk import rna_to_cell_fractions, with_unknown_content
 from hpvade.module import bulk_reconstruction_error, unexplained_expression
 
 logger = logging.getLogger(__name__)
 
 #: Bulk samples per forward pass of the deconvolution network.
 DEFAULT_BATCH_SIZE = 1024
+#: A bulk may lack this share of the selected genes before a warning (the fit uses the rest).
+MISSING_SELECTED_WARN = 0.1
+#: Fewest selected genes a bulk must have, per cell type, to be deconvolved.
+MIN_FIT_GENES_PER_TYPE = 3
 
 
 class DeconvolutionMixin:
@@ -54,7 +59,9 @@ class DeconvolutionMixin:
         bulk
             Bulk samples (samples × genes) on a linear scale (raw counts, CPM or TPM): an
             AnnData, or a DataFrame with genes as columns (then only the returned DataFrame
-            carries results). Genes are matched by name; extra genes are ignored.
+            carries results). Genes are matched by name; extra genes are ignored. A bulk that
+            lacks some of the model's genes is fitted on the selected genes it has (a warning
+            above 10 % of them missing; an error below 3 a cell type).
         layer
             Layer of ``bulk`` with the values; ``None`` uses ``bulk.X``.
         key_added
@@ -63,10 +70,12 @@ class DeconvolutionMixin:
             Samples per forward pass of the network; defaults to 1024.
         refine_steps
             0 returns the deconvolution network's output as is. Otherwise the network's output
-            starts a fit of each sample to ``p @ S.T``: before :meth:`adapt`, this many Adam
-            steps on the Anscombe-scale bulk loss the model trains on; after :meth:`adapt`, the
-            exact gene-weighted least squares that adapt fitted S with (any positive value).
-            ``uns["hpvade_estimator"]`` records which.
+            starts a fit of each sample to ``S @ c``: before :meth:`adapt`, this many rounds of
+            dampened weighted least squares with robust gene weights on the selected genes
+            (:func:`hpvade._solvers.robust_dampened_fit`: relative errors, genes a protocol
+            distorts set aside); after :meth:`adapt`, the exact gene-weighted least squares
+            that adapt fitted S with (any positive value). ``uns["hpvade_estimator"]`` records
+            which.
         kind
             ``"cell"`` (default): fractions of cells. ``"rna"``: fractions of the sample's RNA.
             A bulk mixes RNA, so the model estimates RNA fractions; with a registered count
@@ -92,6 +101,12 @@ class DeconvolutionMixin:
         -----
         Also written to ``bulk``:
 
+        - ``obs["hpvade_unknown_fraction"]``: the share of the sample (cells for
+          ``kind="cell"``, RNA for ``"rna"``) that the reference's types do not explain,
+          e.g. neutrophils in PBMC bulk against a PBMC reference: one minus the share of the
+          bulk's expression the fit assigns to the known types (cells of unknown type counted
+          with the reference's mean RNA content). The proportions are fractions of the known
+          cells; multiply by ``1 - unknown`` for fractions of all cells.
         - ``obs["hpvade_fit_score"]``: mean over genes of the squared difference between
           ``anscombe(p @ S.T)`` and ``anscombe(bulk)`` (0 = perfectly explained).
         - ``obs["hpvade_unexplained_score"]``: the same with only the expression that
@@ -99,23 +114,27 @@ class DeconvolutionMixin:
           whether it exceeds ``unexplained_threshold_``, calibrated on pseudobulks from the
           reference (see :meth:`calibrate_unexplained`). A warning names how many samples are
           flagged.
-        - ``uns["hpvade_gene_report"]``: reference genes found, extra bulk genes ignored,
-          reference genes that are zero in every sample.
+        - ``uns["hpvade_gene_report"]``: reference genes found and missing, extra bulk genes
+          ignored, reference genes that are zero in every sample, and the selected genes the
+          fit used and lacked.
         - ``uns["hpvade_estimator"]``: the fit that produced the proportions.
         """
         if kind not in ("cell", "rna"):
             raise ValueError(f'`kind` must be "cell" or "rna", got {kind!r}.')
         bulk = as_bulk_anndata(bulk)
-        cpm = self._bulk_cpm(bulk, layer)
-        mixture = self._deconvolve(cpm, batch_size, refine_steps)
-        proportions = self._convert_kind(mixture, kind)
+        cpm, found = self._bulk_cpm(bulk, layer, allow_missing=True)
+        mixture, explained = self._deconvolve(cpm, batch_size, refine_steps, found)
+        proportions, unknown = self._convert_kind(mixture, kind, explained)
         result = pd.DataFrame(proportions, index=bulk.obs_names.copy(), columns=self.cell_types)
         bulk.obsm[key_added] = result
+        bulk.obs[UNKNOWN_FRACTION_KEY] = unknown
         bulk.uns[ESTIMATOR_KEY] = self._estimator_description(refine_steps)
         bulk.obs[FIT_SCORE_KEY] = self._score_samples(bulk_reconstruction_error, cpm, mixture)
         self._flag_unexplained(bulk, cpm, mixture)
         if n_draws > 0:
-            self._write_intervals(bulk, cpm, mixture, kind, key_added, n_draws, refine_steps)
+            self._write_intervals(
+                bulk, cpm, mixture, kind, key_added, n_draws, refine_steps, found
+            )
         logger.info("Deconvolved %d samples (%s fractions).", bulk.n_obs, kind)
         return result
 
@@ -126,17 +145,26 @@ class DeconvolutionMixin:
         return pd.DataFrame(signature, index=self.var_names, columns=self.cell_types)
 
     # ------------------------------------------------------------------------------ helpers
-    def _bulk_cpm(self, bulk: AnnData, layer: str | None) -> np.ndarray:
-        """Checks shared by every method that takes a bulk; its CPM on the model's genes."""
+    def _bulk_cpm(
+        self, bulk: AnnData, layer: str | None, allow_missing: bool = False
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Checks shared by every method that takes a bulk; its CPM on the model's genes and
+        which of them it has (with ``allow_missing``, missing genes are 0)."""
         self._check_if_trained(warn=False, message=self._not_trained_message)
         if bulk.is_view:
             raise ValueError(
                 "`bulk` is a view of another AnnData; results are written to its obsm and obs. "
                 "Pass a copy: `bulk = bulk[mask].copy()`."
             )
-        cpm = bulk_to_cpm(bulk, self.var_names, layer)
-        report = gene_report(bulk, self.var_names, cpm)
+        cpm = bulk_to_cpm(bulk, self.var_names, layer, allow_missing)
+        found = np.asarray(self.var_names.isin(bulk.var_names))
+        report = gene_report(bulk, self.var_names, cpm, self.selected_genes_)
         bulk.uns[GENE_REPORT_KEY] = report
+        if not found.all():
+            self._check_missing_genes(found)
+            # the CPM is over the genes the bulk has; S's is over all: put the bulk on S's scale
+            shares = self.module.signature_array()[found].sum(axis=0) / 1e6
+            cpm *= float(shares.mean())
         logger.info(
             "Genes: %d of %d reference genes found, %d extra bulk genes ignored, %d reference "
             "genes zero in every sample.",
@@ -145,14 +173,34 @@ class DeconvolutionMixin:
             report["n_extra_ignored"],
             report["n_all_zero"],
         )
-        return cpm
+        return cpm, found
+
+    def _check_missing_genes(self, found: np.ndarray) -> None:
+        n_selected = self._fit_gene_index().size
+        n_used = self._fit_gene_index(found).size
+        needed = MIN_FIT_GENES_PER_TYPE * len(self.cell_types)
+        if n_used < needed:
+            raise ValueError(
+                f"The bulk has {n_used} of the model's {n_selected} selected genes; at least "
+                f"{needed} ({MIN_FIT_GENES_PER_TYPE} a cell type) are needed. Check that the "
+                "bulk's var_names are gene symbols of the same kind as the reference's, or "
+                "train a model on the genes the bulk has."
+            )
+        if n_used < (1 - MISSING_SELECTED_WARN) * n_selected:
+            warnings.warn(
+                f"The bulk lacks {n_selected - n_used} of the model's {n_selected} selected genes "
+                f'(see bulk.uns["{GENE_REPORT_KEY}"]["selected_missing"]); the proportions are '
+                "fitted on the rest.",
+                UserWarning,
+                stacklevel=settings.warnings_stacklevel + 3,
+            )
 
     def _estimator_description(self, refine_steps: int) -> dict:
         adapted = self.gene_weights_ is not None
         if refine_steps <= 0:
             name = "network"
         else:
-            name = "weighted_nnls" if adapted else "anscombe_refinement"
+            name = "weighted_nnls" if adapted else "robust_dampened_wls"
         return {"estimator": name, "adapted": adapted, "refine_steps": int(refine_steps)}
 
     def _network_proportions(self, cpm: np.ndarray, batch_size: int | None = None) -> np.ndarray:
@@ -169,20 +217,30 @@ class DeconvolutionMixin:
         return np.concatenate(parts)
 
     def _deconvolve(
-        self, cpm: np.ndarray, batch_size: int | None, refine_steps: int
-    ) -> np.ndarray:
-        """The served proportions: the network's output, fitted to the bulk with the model's S
-        (see :func:`hpvade._solvers.fit_proportions`)."""
-        signature = self.module.signature_array()
-        proportions = fit_proportions(
+        self,
+        cpm: np.ndarray,
+        batch_size: int | None,
+        refine_steps: int,
+        found: np.ndarray | None = None,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """The served mixture proportions and the share of expression they explain: the
+        network's output, fitted to the bulk with the model's S on the genes it has (see
+        :func:`hpvade._solvers.fit_proportions`)."""
+        return fit_proportions(
             cpm,
-            signature,
+            self.module.signature_array(),
             self._network_proportions(cpm, batch_size),
             refine_steps,
-            self.gene_weights_,
-            self.module.device,
+            **self._fit_genes(found),
         )
-        return proportions / proportions.sum(axis=1, keepdims=True)
+
+    def _fit_genes(self, found: np.ndarray | None = None) -> dict:
+        """``fit_proportions``' gene arguments: the adapted weights (0 where the bulk lacks
+        the gene) or the selected genes the bulk has."""
+        if self.gene_weights_ is None:
+            return {"genes": self._fit_gene_index(found)}
+        weights = np.asarray(self.gene_weights_, dtype=float)
+        return {"gene_weights": weights if found is None else weights * found}
 
     @torch.no_grad()
     def _score_samples(self, score, cpm, proportions, signature=None) -> np.ndarray:
@@ -193,11 +251,19 @@ class DeconvolutionMixin:
         as_tensor = functools.partial(torch.as_tensor, dtype=torch.float32)
         return score(as_tensor(cpm), as_tensor(proportions), as_tensor(signature)).double().numpy()
 
-    def _convert_kind(self, mixture: np.ndarray, kind: str) -> np.ndarray:
-        """Mixture (RNA) fractions to cell fractions, where RNA content is known."""
+    def _convert_kind(
+        self, mixture: np.ndarray, kind: str, explained: np.ndarray | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Mixture (RNA) fractions to cell fractions where RNA content is known, and the
+        unknown share of each sample (of RNA or of cells) from the explained share."""
+        if explained is None:
+            explained = np.ones(mixture.shape[0])
+        unknown = np.clip(1.0 - explained, 0.0, 1.0)
         if kind == "rna" or self.rna_content_ is None:
-            return mixture
-        return rna_to_cell_fractions(mixture, self.rna_content_)
+            return mixture, unknown
+        return rna_to_cell_fractions(mixture, self.rna_content_), with_unknown_content(
+            mixture, unknown, self.rna_content_
+        )
 
     def _flag_unexplained(self, bulk: AnnData, cpm: np.ndarray, mixture: np.ndarray) -> None:
         score = self._score_samples(unexplained_expression, cpm, mixture)
@@ -219,7 +285,7 @@ class DeconvolutionMixin:
                 stacklevel=settings.warnings_stacklevel + 2,
             )
 
-    def _write_intervals(self, bulk, cpm, mixture, kind, key_added, n_draws, refine_steps):
+    def _write_intervals(self, bulk, cpm, mixture, kind, key_added, n_draws, refine_steps, found):
         if self.interval_scale_ is None:
             raise RuntimeError(
                 "The intervals are not calibrated (a model saved before hpvade 0.2, or loaded "
@@ -231,12 +297,16 @@ class DeconvolutionMixin:
             ratios = self.signature_ratios_[:n_draws].astype(float)  # drawn at calibration
         else:
             ratios = self._signature_ratios(n_draws, np.random.default_rng(settings.seed or 0))
-        weights = self.gene_weights_ if refine_steps > 0 else None
         draws = self._proportion_draws(
-            cpm, signature, mixture, ratios, weights, max(refine_steps, 1)
+            cpm,
+            signature,
+            mixture,
+            ratios,
+            self._fit_genes(found),
+            min(max(refine_steps, 1), DRAW_REFINE_STEPS),
         )
-        draws = np.stack([self._convert_kind(d, kind) for d in draws])
-        estimate = self._convert_kind(mixture, kind)
+        draws = np.stack([self._convert_kind(d, kind)[0] for d in draws])
+        estimate = self._convert_kind(mixture, kind)[0]
         lower, upper = interval(estimate, draws, self.interval_scale_)
         index, columns = bulk.obs_names.copy(), self.cell_types
         bulk.obsm[f"{key_added}_std"] = pd.DataFrame(draws.std(axis=0), index, columns)

@@ -30,14 +30,9 @@ from hpvade.model._deconvolution import DeconvolutionMixin
 from hpvade.model._fitted_state import reset_fitted_state
 from hpvade.model._reference import ReferenceMixin
 from hpvade.module import HPVADEModule
-from hpvade.train import HPVADETrainingPlan
+from hpvade.train import HPVADETrainingPlan, max_epochs_heuristic
 
 logger = logging.getLogger(__name__)
-
-
-def max_epochs_heuristic(n_cells: int) -> int:
-    """scvi-tools' default epoch count: 400 below 20,000 cells, fewer above."""
-    return int(min(round((20_000 / n_cells) * 400), 400))
 
 
 class HPVADE(
@@ -70,6 +65,9 @@ class HPVADE(
         Hidden layers of the encoder and decoder.
     dropout_rate
         Dropout rate of the networks.
+    genes
+        Genes of the proportion fit (``selected_genes_``): ``"markers"`` (Wilcoxon markers of
+        the reference, 50 a type), ``"all"``, or a list. S and the networks keep every gene.
     **module_kwargs
         Passed to :class:`~hpvade.module.HPVADEModule` (loss weights, ``n_layers_deconv``, ...).
 
@@ -93,14 +91,16 @@ class HPVADE(
         n_latent: int = 32,
         n_layers: int = 1,
         dropout_rate: float = 0.1,
+        genes: str | list[str] = "markers",
         **module_kwargs,
     ):
         super().__init__(adata, registry)
         n_labels = self.summary_stats.n_labels
         reset_fitted_state(self)
-        self.type_cell_counts_, self.rna_content_ = None, None  # reference summaries
+        # reference summaries (set by _init_reference_summaries, or restored by load)
+        self.type_cell_counts_, self.rna_content_, self.selected_genes_ = None, None, None
         use_counts = self.registry_["setup_args"].get("counts_layer") is not None
-        signature = self._init_reference_summaries() if adata is not None else None
+        signature = self._init_reference_summaries(genes) if adata is not None else None
         self.module = self._module_cls(
             n_input=self.summary_stats.n_vars,
             n_labels=n_labels,
@@ -187,9 +187,8 @@ class HPVADE(
         seed = int(rng.integers(2**31))
         pool = (cells_per_pseudobulk, dirichlet_alpha)
         pool_train = self._simulate_pool(train_idx, n_pseudobulk, *pool, seed)
-        pool_val = None
-        if val_idx.size:
-            pool_val = self._simulate_pool(val_idx, max(n_pseudobulk // 5, 1), *pool, seed + 1)
+        n_val = max(n_pseudobulk // 5, 1)
+        pool_val = self._simulate_pool(val_idx, n_val, *pool, seed + 1) if val_idx.size else None
         self.module.set_bulk_standardization(pool_train[0])
         datasplitter_kwargs = {
             "external_indexing": [train_idx, val_idx, np.array([], dtype=np.int64)],
@@ -235,8 +234,7 @@ class HPVADE(
         dir_path
             Folder written by :meth:`save`.
         adata
-            The reference the model was trained on (same genes in the same order, and no cell
-            type the model does not know). ``None`` loads without data.
+            The training reference (same genes in order, no new type); ``None``: no data.
         **kwargs
             Passed to :meth:`scvi.model.base.BaseModelClass.load`.
         """

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 
 import numpy as np
@@ -10,6 +11,8 @@ import scipy.sparse as sp
 import torch
 from scvi import REGISTRY_KEYS, settings
 
+from hpvade.data._genes import resolve_gene_selection, wilcoxon_markers
+from hpvade.data._matrix import get_matrix
 from hpvade.data._pseudobulk import (
     cell_totals,
     cpm_rows,
@@ -20,6 +23,8 @@ from hpvade.data._pseudobulk import (
 )
 from hpvade.data._signature import aggregate_by_type, cpm_columns, warn_if_flat
 from hpvade.data._split import stratified_split
+
+logger = logging.getLogger(__name__)
 
 
 class ReferenceMixin:
@@ -36,8 +41,9 @@ class ReferenceMixin:
         """Reference genes, in the order of the signature rows."""
         return pd.Index(np.asarray(self.get_state_registry(REGISTRY_KEYS.X_KEY).column_names))
 
-    def _init_reference_summaries(self) -> np.ndarray:
-        """Set ``type_cell_counts_`` and ``rna_content_``; return the reference signature."""
+    def _init_reference_summaries(self, genes) -> np.ndarray:
+        """Set ``type_cell_counts_``, ``rna_content_`` and ``selected_genes_`` (from ``genes``);
+        return the reference signature."""
         codes, n_labels = self._label_codes(), self.summary_stats.n_labels
         layer, log1p = self._linear_source()
         signature = cpm_columns(aggregate_by_type(self.adata, codes, n_labels, layer, log1p))
@@ -45,7 +51,28 @@ class ReferenceMixin:
         self.type_cell_counts_ = np.bincount(codes, minlength=n_labels)
         if not log1p:  # a count layer: mean counts per cell of each type (RNA content)
             self.rna_content_ = mean_per_type(self._cell_totals(), codes, n_labels)
+        self.selected_genes_ = self._select_genes(genes)
         return signature
+
+    def _select_genes(self, genes) -> pd.Index:
+        """The genes of the proportion fit (see ``genes`` of :class:`~hpvade.HPVADE`)."""
+        log_matrix = get_matrix(self.adata, self.registry_["setup_args"].get("layer"))
+        selected = resolve_gene_selection(
+            genes,
+            self.var_names,
+            lambda: wilcoxon_markers(
+                log_matrix, self._label_codes(), self.cell_types, self.var_names
+            ),
+        )
+        logger.info("The proportion fit uses %d of %d genes.", len(selected), self.adata.n_vars)
+        return selected
+
+    def _fit_gene_index(self, found: np.ndarray | None = None) -> np.ndarray | None:
+        """Row indices of the selected genes (that the bulk has, given ``found``)."""
+        if self.selected_genes_ is None:  # a model saved before gene selection
+            return None if found is None else np.flatnonzero(found)
+        mask = self.var_names.isin(self.selected_genes_)
+        return np.flatnonzero(mask if found is None else mask & found)
 
     def _require_reference(self, what: str) -> None:
         if self.adata is None:

@@ -162,3 +162,8 @@ class HPVADETrainingPlan(TrainingPlan):
         batch = self._with_bulk(batch, self.pool_val_cpm, self.pool_val_props, index)
         super().validation_step(batch, batch_idx)
         self._check_finite(self._step_outputs[2], "validation")
+
+
+def max_epochs_heuristic(n_cells: int) -> int:
+    """scvi-tools' default epoch count: 400 below 20,000 cells, fewer above."""
+    return int(min(round((20_000 / n_cells) * 400), 400))
