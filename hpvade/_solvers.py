@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -244,6 +245,18 @@ def anscombe_proportions(
     return refined.double().cpu().numpy()
 
 
+class ProportionFit(NamedTuple):
+    """What :func:`fit_proportions` returns."""
+
+    #: samples × types, rows sum to 1
+    proportions: np.ndarray
+    #: per sample, the share of its expression the known types explain (sum of coefficients)
+    explained: np.ndarray
+    #: per fitted gene, the share of samples in which the robust fit set it aside (None for the
+    #: other fits)
+    set_aside: np.ndarray | None = None
+
+
 def fit_proportions(
     bulk_cpm: np.ndarray,
     signature: np.ndarray,
@@ -262,19 +275,18 @@ def fit_proportions(
 
     Returns
     -------
-    ``(proportions, explained)``: samples × types proportions (rows sum to 1) and, per sample,
-    the share of its expression that the known types explain (the sum of the fitted
-    coefficients; 1 for the network's output).
+    A :class:`ProportionFit`: proportions, the explained share (1 for the network's output)
+    and, for the robust fit, how often each of its genes was set aside.
     """
     initial = np.asarray(initial, dtype=float)
     if refine_steps <= 0:
-        return initial, np.ones(initial.shape[0])
+        return ProportionFit(initial, np.ones(initial.shape[0]))
     if gene_weights is not None:
         coef = _weighted_coefficients(
             bulk_cpm, signature, np.asarray(gene_weights, float), initial, 2000, 1e-10
         )
-    else:
-        if genes is not None:
-            bulk_cpm, signature = bulk_cpm[:, genes], signature[genes]
-        coef, _ = robust_dampened_fit(bulk_cpm, signature, initial, refine_steps)
-    return _rows_sum_to_one(coef), coef.sum(axis=1)
+        return ProportionFit(_rows_sum_to_one(coef), coef.sum(axis=1))
+    if genes is not None:
+        bulk_cpm, signature = bulk_cpm[:, genes], signature[genes]
+    coef, weights = robust_dampened_fit(bulk_cpm, signature, initial, refine_steps)
+    return ProportionFit(_rows_sum_to_one(coef), coef.sum(axis=1), (weights == 0).mean(axis=0))

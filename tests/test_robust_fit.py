@@ -99,3 +99,19 @@ def test_unknown_fraction_tracks_a_type_missing_from_the_reference(
     assert spearmanr(unknown, share).statistic >= 0.3
     # with the complete reference little is unknown
     assert complete.obs["hpvade_unknown_fraction"].median() < 0.05
+
+
+def test_gene_report_names_genes_the_fit_set_aside(trained, test_bulk):
+    selected = pd.Index(trained.selected_genes_)
+    distorted = selected[::10]  # a protocol multiplies a tenth of the markers 20-fold
+    bulk = test_bulk.copy()
+    bulk.X = np.asarray(bulk.X) * np.where(bulk.var_names.isin(distorted), 20.0, 1.0)
+    clean = test_bulk.copy()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        expected = trained.get_proportions(clean).to_numpy()
+        got = trained.get_proportions(bulk).to_numpy()
+    set_aside = set(bulk.uns["hpvade_gene_report"]["set_aside_genes"])
+    assert len(set_aside & set(distorted)) >= 0.8 * len(distorted)
+    assert len(set_aside - set(distorted)) <= 0.1 * len(selected)
+    assert np.abs(got - expected).mean() < 0.01  # the fit did not follow them

@@ -154,7 +154,9 @@ class AdaptationMixin:
             self.module.set_signature(result.signature)
             self.gene_weights_ = result.gene_weights
             self.adaptation_ = summary
-            self._distill(cpm, self._deconvolve(cpm, None, DEFAULT_REFINE_STEPS)[0], distill_steps)
+            self._distill(
+                cpm, self._deconvolve(cpm, None, DEFAULT_REFINE_STEPS).proportions, distill_steps
+            )
         self._calibrate()
         logger.info(
             "Adapted S on %d bulk samples: %s after %d rounds (held-out error %.4g -> %.4g).",

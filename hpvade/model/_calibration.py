@@ -63,21 +63,21 @@ class CalibrationMixin:
         for signature, cpm, truth in splits:
             initial = self._network_proportions(cpm)
             if not adapted:
-                estimate, _ = fit_proportions(
+                estimate = fit_proportions(
                     cpm, signature, initial, DEFAULT_REFINE_STEPS, genes=self._fit_gene_index()
-                )
+                ).proportions
                 yield signature, cpm, truth, estimate, None
                 continue
             result = self._learn_signature(cpm, signature, initial, rng, self.adaptation_)
             weights = result.gene_weights  # None where the held-out guard kept the half S
-            estimate, _ = fit_proportions(
+            estimate = fit_proportions(
                 cpm,
                 result.signature,
                 initial,
                 DEFAULT_REFINE_STEPS,
                 weights,
                 self._fit_gene_index(),
-            )
+            ).proportions
             yield result.signature, cpm, truth, estimate, weights
 
     @renamed_keywords(n_samples="n_pseudobulk")
@@ -246,5 +246,7 @@ class CalibrationMixin:
         for ratio in ratios:
             perturbed = signature * ratio
             perturbed = perturbed / perturbed.sum(axis=0, keepdims=True) * 1e6
-            draws.append(fit_proportions(cpm, perturbed, estimate, refine_steps, **fit_genes)[0])
+            draws.append(
+                fit_proportions(cpm, perturbed, estimate, refine_steps, **fit_genes).proportions
+            )
         return np.stack(draws)

@@ -23,7 +23,12 @@ from hpvade._constants import (
     UNKNOWN_FRACTION_KEY,
 )
 from hpvade._intervals import interval
-from hpvade._solvers import DEFAULT_REFINE_STEPS, DRAW_REFINE_STEPS, fit_proportions
+from hpvade._solvers import (
+    DEFAULT_REFINE_STEPS,
+    DRAW_REFINE_STEPS,
+    ProportionFit,
+    fit_proportions,
+)
 from hpvade.data._bulk import as_bulk_anndata, bulk_to_cpm, gene_report
 from hpvade.data._pseudobulk import rna_to_cell_fractions, with_unknown_content
 from hpvade.module import bulk_reconstruction_error, unexplained_expression
@@ -36,6 +41,8 @@ DEFAULT_BATCH_SIZE = 1024
 MISSING_SELECTED_WARN = 0.1
 #: Fewest selected genes a bulk must have, per cell type, to be deconvolved.
 MIN_FIT_GENES_PER_TYPE = 3
+#: A gene the robust fit set aside in at least this share of samples is named in the report.
+SET_ASIDE_REPORTED = 0.5
 
 
 class DeconvolutionMixin:
@@ -115,16 +122,20 @@ class DeconvolutionMixin:
           reference (see :meth:`calibrate_unexplained`). A warning names how many samples are
           flagged.
         - ``uns["hpvade_gene_report"]``: reference genes found and missing, extra bulk genes
-          ignored, reference genes that are zero in every sample, and the selected genes the
-          fit used and lacked.
+          ignored, reference genes that are zero in every sample, the selected genes the fit
+          used and lacked, and ``set_aside_genes``: fitted genes the robust fit set aside in
+          at least half of the samples (their bulk-to-fit ratio is far off the sample's
+          typical one: distorted by the protocol, or expressed by cells the reference lacks).
         - ``uns["hpvade_estimator"]``: the fit that produced the proportions.
         """
         if kind not in ("cell", "rna"):
             raise ValueError(f'`kind` must be "cell" or "rna", got {kind!r}.')
         bulk = as_bulk_anndata(bulk)
         cpm, found = self._bulk_cpm(bulk, layer, allow_missing=True)
-        mixture, explained = self._deconvolve(cpm, batch_size, refine_steps, found)
-        proportions, unknown = self._convert_kind(mixture, kind, explained)
+        fit = self._deconvolve(cpm, batch_size, refine_steps, found)
+        mixture = fit.proportions
+        proportions, unknown = self._convert_kind(mixture, kind, fit.explained)
+        self._report_set_aside(bulk, fit.set_aside, found)
         result = pd.DataFrame(proportions, index=bulk.obs_names.copy(), columns=self.cell_types)
         bulk.obsm[key_added] = result
         bulk.obs[UNKNOWN_FRACTION_KEY] = unknown
@@ -175,6 +186,16 @@ class DeconvolutionMixin:
         )
         return cpm, found
 
+    def _report_set_aside(self, bulk: AnnData, set_aside, found: np.ndarray) -> None:
+        """Add to the gene report the fitted genes the robust fit set aside in at least half
+        of the samples (distorted by the protocol or expressed by unknown cells)."""
+        if set_aside is None:
+            return
+        genes = self.var_names[self._fit_gene_index(found)]
+        bulk.uns[GENE_REPORT_KEY]["set_aside_genes"] = [
+            str(g) for g in genes[set_aside >= SET_ASIDE_REPORTED]
+        ]
+
     def _check_missing_genes(self, found: np.ndarray) -> None:
         n_selected = self._fit_gene_index().size
         n_used = self._fit_gene_index(found).size
@@ -222,10 +243,9 @@ class DeconvolutionMixin:
         batch_size: int | None,
         refine_steps: int,
         found: np.ndarray | None = None,
-    ) -> tuple[np.ndarray, np.ndarray]:
-        """The served mixture proportions and the share of expression they explain: the
-        network's output, fitted to the bulk with the model's S on the genes it has (see
-        :func:`hpvade._solvers.fit_proportions`)."""
+    ) -> ProportionFit:
+        """The served fit: the network's output, fitted to the bulk with the model's S on the
+        genes it has (see :func:`hpvade._solvers.fit_proportions`)."""
         return fit_proportions(
             cpm,
             self.module.signature_array(),
