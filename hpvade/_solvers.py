@@ -245,6 +245,29 @@ def anscombe_proportions(
     return refined.double().cpu().numpy()
 
 
+def unexplained_share(
+    bulk: np.ndarray, fitted: np.ndarray, cutoff: float = TUKEY_CUTOFF
+) -> np.ndarray:
+    """Per sample, the share of its expression (CPM / 1e6) in genes the fit falls far short of:
+    genes whose log ratio ``log2((b + 1) / (fitted + 1))`` exceeds the sample's median ratio by
+    more than ``cutoff`` robust standard deviations (MAD), counted by how much the bulk exceeds
+    the fit there. That is expression of cells the reference lacks (a lower bound on their
+    share: they also express genes the known types explain), and it ranks samples by it.
+
+    Measured against a missing type's share (Spearman, 300 held-out pseudobulks, reference
+    signature): Hao cells without monocytes / mDC / NK / B cells 0.89 / 0.94 / 0.82 / 0.69,
+    pbmc68k cells without CD14+ monocytes / dendritic / B cells 0.81 / 0.84 / 0.83; without
+    CD8 T cells 0.08 (CD4 T and NK cells explain them). One minus the fit's coefficient sum
+    (EPIC's and Rectangle's reading) gave -0.67 / 0.79 / -0.35 / 0.68 and 0.12 / 0.76 / 0.65:
+    a similar known type absorbs the missing one and the sum stays at 1.
+    """
+    ratio = np.log2((bulk + 1.0) / (fitted + 1.0))
+    centre = np.median(ratio, axis=1, keepdims=True)
+    spread = 1.4826 * np.median(np.abs(ratio - centre), axis=1, keepdims=True)
+    short = ratio - centre > cutoff * spread
+    return np.where(short, np.clip(bulk - fitted, 0.0, None), 0.0).sum(axis=1) / 1e6
+
+
 class ProportionFit(NamedTuple):
     """What :func:`fit_proportions` returns."""
 

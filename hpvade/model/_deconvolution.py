@@ -28,6 +28,7 @@ from hpvade._solvers import (
     DRAW_REFINE_STEPS,
     ProportionFit,
     fit_proportions,
+    unexplained_share,
 )
 from hpvade.data._bulk import as_bulk_anndata, bulk_to_cpm, gene_report
 from hpvade.data._pseudobulk import rna_to_cell_fractions, with_unknown_content
@@ -110,10 +111,10 @@ class DeconvolutionMixin:
 
         - ``obs["hpvade_unknown_fraction"]``: the share of the sample (cells for
           ``kind="cell"``, RNA for ``"rna"``) that the reference's types do not explain,
-          e.g. neutrophils in PBMC bulk against a PBMC reference: one minus the share of the
-          bulk's expression the fit assigns to the known types (cells of unknown type counted
-          with the reference's mean RNA content). The proportions are fractions of the known
-          cells; multiply by ``1 - unknown`` for fractions of all cells.
+          e.g. neutrophils in PBMC bulk against a PBMC reference: the expression in genes
+          the fit falls far short of (:func:`hpvade._solvers.unexplained_share`; cells of
+          unknown type counted with the reference's mean RNA content). A lower bound that
+          ranks samples well; the proportions are fractions of the known cells.
         - ``obs["hpvade_fit_score"]``: mean over genes of the squared difference between
           ``anscombe(p @ S.T)`` and ``anscombe(bulk)`` (0 = perfectly explained).
         - ``obs["hpvade_unexplained_score"]``: the same with only the expression that
@@ -134,7 +135,9 @@ class DeconvolutionMixin:
         cpm, found = self._bulk_cpm(bulk, layer, allow_missing=True)
         fit = self._deconvolve(cpm, batch_size, refine_steps, found)
         mixture = fit.proportions
-        proportions, unknown = self._convert_kind(mixture, kind, fit.explained)
+        proportions, unknown = self._convert_kind(
+            mixture, kind, self._unknown_rna(cpm, fit, found)
+        )
         self._report_set_aside(bulk, fit.set_aside, found)
         result = pd.DataFrame(proportions, index=bulk.obs_names.copy(), columns=self.cell_types)
         bulk.obsm[key_added] = result
@@ -185,6 +188,13 @@ class DeconvolutionMixin:
             report["n_all_zero"],
         )
         return cpm, found
+
+    def _unknown_rna(self, cpm: np.ndarray, fit: ProportionFit, found: np.ndarray) -> np.ndarray:
+        """The share of each sample's expression the reference cannot explain (see
+        :func:`hpvade._solvers.unexplained_share`), on the genes the bulk has."""
+        coefficients = fit.proportions * fit.explained[:, None]
+        fitted = coefficients @ self.module.signature_array().T
+        return unexplained_share(cpm[:, found], fitted[:, found])
 
     def _report_set_aside(self, bulk: AnnData, set_aside, found: np.ndarray) -> None:
         """Add to the gene report the fitted genes the robust fit set aside in at least half
@@ -272,13 +282,13 @@ class DeconvolutionMixin:
         return score(as_tensor(cpm), as_tensor(proportions), as_tensor(signature)).double().numpy()
 
     def _convert_kind(
-        self, mixture: np.ndarray, kind: str, explained: np.ndarray | None = None
+        self, mixture: np.ndarray, kind: str, unknown_rna: np.ndarray | None = None
     ) -> tuple[np.ndarray, np.ndarray]:
         """Mixture (RNA) fractions to cell fractions where RNA content is known, and the
-        unknown share of each sample (of RNA or of cells) from the explained share."""
-        if explained is None:
-            explained = np.ones(mixture.shape[0])
-        unknown = np.clip(1.0 - explained, 0.0, 1.0)
+        unknown share of each sample (of RNA or of cells) from its RNA share."""
+        if unknown_rna is None:
+            unknown_rna = np.zeros(mixture.shape[0])
+        unknown = np.clip(unknown_rna, 0.0, 1.0)
         if kind == "rna" or self.rna_content_ is None:
             return mixture, unknown
         return rna_to_cell_fractions(mixture, self.rna_content_), with_unknown_content(
