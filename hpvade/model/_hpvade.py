@@ -99,6 +99,7 @@ class HPVADE(
         reset_fitted_state(self)
         # reference summaries (set by _init_reference_summaries, or restored by load)
         self.type_cell_counts_, self.rna_content_, self.selected_genes_ = None, None, None
+        self.reference_signature_ = None
         use_counts = self.registry_["setup_args"].get("counts_layer") is not None
         signature = self._init_reference_summaries(genes) if adata is not None else None
         self.module = self._module_cls(

@@ -42,8 +42,8 @@ class ReferenceMixin:
         return pd.Index(np.asarray(self.get_state_registry(REGISTRY_KEYS.X_KEY).column_names))
 
     def _init_reference_summaries(self, genes) -> np.ndarray:
-        """Set ``type_cell_counts_``, ``rna_content_`` and ``selected_genes_`` (from ``genes``);
-        return the reference signature."""
+        """Set ``type_cell_counts_``, ``rna_content_``, ``selected_genes_`` (from ``genes``)
+        and ``reference_signature_``; return the reference signature."""
         codes, n_labels = self._label_codes(), self.summary_stats.n_labels
         layer, log1p = self._linear_source()
         signature = cpm_columns(aggregate_by_type(self.adata, codes, n_labels, layer, log1p))
@@ -52,6 +52,7 @@ class ReferenceMixin:
         if not log1p:  # a count layer: mean counts per cell of each type (RNA content)
             self.rna_content_ = mean_per_type(self._cell_totals(), codes, n_labels)
         self.selected_genes_ = self._select_genes(genes)
+        self.reference_signature_ = signature
         return signature
 
     def _select_genes(self, genes) -> pd.Index:
