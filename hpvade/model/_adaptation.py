@@ -21,11 +21,8 @@ logger = logging.getLogger(__name__)
 MIN_ADAPT_SAMPLES = 3
 #: Cohorts smaller than this get a proportionally weaker prior in ``adapt``.
 SMALL_COHORT = 40
-#: Alternating rounds of ``adapt``: an early stop for small cohorts, convergence for large ones
-#: (see its ``n_rounds``); a cohort is large from this many samples per cell type.
+#: Alternating rounds of ``adapt``: an early stop (see its ``n_rounds``).
 DEFAULT_ADAPT_ROUNDS = 30
-LARGE_COHORT_ROUNDS = 300
-LARGE_COHORT_SAMPLES_PER_TYPE = 20
 #: The settings of ``adapt`` that its numerics take (kept in ``adaptation_``).
 ADAPT_OPTIONS = (
     "n_rounds",
@@ -46,7 +43,7 @@ class AdaptationMixin:
         self,
         bulk: AnnData,
         layer: str | None = None,
-        n_rounds: int | None = None,
+        n_rounds: int = DEFAULT_ADAPT_ROUNDS,
         prior_strength: float = 1.0,
         validation_fraction: float = 0.2,
         tolerance: float = 1e-6,
@@ -85,12 +82,13 @@ class AdaptationMixin:
             Layer of ``bulk`` with the values; ``None`` uses ``bulk.X``.
         n_rounds
             Alternating rounds; fewer stop earlier (rounds also end once S stops changing).
-            ``None`` (default): 30 below 20 samples per cell type, else 300. Thirty is an
-            early stop measured on held-out PBMC cohorts: converged S over-fits small
-            cohorts (three 12-sample cohorts: overall r 0.92 / 0.85 / 0.84 at 30 rounds,
-            0.91 / 0.80 / 0.74 converged; 50 samples × 10 types: 0.901 / 0.890 / 0.886 at
-            30 / 50 / 100). Large cohorts gain from converging (300 samples: cross-dataset
-            0.911 → 0.948, platform shift 0.956 → 0.960, clean 0.970 → 0.972).
+            The default, 30, is an early stop measured on held-out cohorts: converged S
+            over-fits small cohorts (three 12-sample PBMC cohorts: overall r 0.92 / 0.85 /
+            0.84 at 30 rounds, 0.91 / 0.80 / 0.74 converged; 50 samples × 10 types: 0.901 /
+            0.890 / 0.886 at 30 / 50 / 100), and on 300 samples more rounds help one cohort
+            and hurt others (cross-dataset Hao → pbmc68k 0.911 / 0.932 / 0.948 at 30 / 100 /
+            300, pbmc68k → Hao 0.937 / 0.924 / 0.914, a reference lacking monocytes 0.815 /
+            0.794 / 0.792).
         prior_strength
             Strength of the pull towards the single-cell signature for a type with the mean
             number of reference cells (in units of samples' worth of evidence). Below 40
@@ -141,9 +139,6 @@ class AdaptationMixin:
                 "PBMC bulk (4 samples, 11 types), adapting anyway lowered r from 0.93 to "
                 "0.4. The model serves the reference-trained estimator; adapt on a larger cohort."
             )
-        if n_rounds is None:
-            large = cpm.shape[0] >= LARGE_COHORT_SAMPLES_PER_TYPE * n_types
-            n_rounds = LARGE_COHORT_ROUNDS if large else DEFAULT_ADAPT_ROUNDS
         self._restore_reference_state()
         reset_fitted_state(self, "adapt")
         options = {
