@@ -20,6 +20,8 @@ import torch
 
 #: Re-weighting rounds of the served fit (``refine_steps`` of ``get_proportions``).
 DEFAULT_REFINE_STEPS = 30
+#: A sample's rounds stop once its coefficients change by less than this (relative L1).
+ROUND_TOLERANCE = 1e-5
 #: Rounds re-fitting each signature draw, started from the served estimate (intervals).
 DRAW_REFINE_STEPS = 10
 #: Cap of the dampened weights ``1 / fitted²``, as a multiple of each sample's median weight
@@ -157,7 +159,8 @@ def robust_dampened_fit(
         Starting proportions (samples × types), e.g. the network's output; ``None`` starts
         from unweighted non-negative least squares.
     n_rounds
-        Re-weighting rounds.
+        Re-weighting rounds at most; a sample stops once its coefficients change by less than
+        ``ROUND_TOLERANCE`` (relative) between rounds.
     weight_cap
         Cap of the dampened weights, in multiples of the sample's median weight.
     tukey_cutoff
@@ -182,18 +185,26 @@ def robust_dampened_fit(
     else:
         coef = _coordinate_descent(gram, linear, _scaled_start(initial, gram, linear))
     floor = 1e-3 * bulk.mean(axis=1, keepdims=True)
+    active = np.arange(bulk.shape[0])  # samples whose coefficients still move
     for _ in range(n_rounds):
-        fitted = coef @ signature.T
-        weights = np.maximum(fitted, floor) ** -2.0
-        np.minimum(weights, weight_cap * np.median(weights, axis=1, keepdims=True), out=weights)
-        ratio = np.log2((bulk + 1.0) / (fitted + 1.0))
+        if active.size == 0:
+            break
+        b, c = bulk[active], coef[active]
+        fitted = c @ signature.T
+        w = np.maximum(fitted, floor[active]) ** -2.0
+        np.minimum(w, weight_cap * np.median(w, axis=1, keepdims=True), out=w)
+        ratio = np.log2((b + 1.0) / (fitted + 1.0))
         centre = np.median(ratio, axis=1, keepdims=True)
         spread = 1.4826 * np.median(np.abs(ratio - centre), axis=1, keepdims=True) + 1e-9
         u = (ratio - centre) / (tukey_cutoff * spread)
-        weights *= np.where(np.abs(u) < 1.0, (1.0 - u**2) ** 2, 0.0)
-        gram = (weights @ outer).reshape(-1, n_types, n_types)
+        w *= np.where(np.abs(u) < 1.0, (1.0 - u**2) ** 2, 0.0)
+        weights[active] = w
+        gram = (w @ outer).reshape(-1, n_types, n_types)
         # warm-started and re-weighted next round anyway: a loose solve per round suffices
-        coef = _coordinate_descent(gram, (bulk * weights) @ signature, coef, 20, 1e-7)
+        new = _coordinate_descent(gram, (b * w) @ signature, c.copy(), 20, 1e-7)
+        change = np.abs(new - c).sum(axis=1) / np.maximum(np.abs(c).sum(axis=1), 1e-300)
+        coef[active] = new
+        active = active[change > ROUND_TOLERANCE]
     return coef, weights
 
 
