@@ -29,7 +29,7 @@ from scipy.stats import spearmanr
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from scenarios import _with_x  # noqa: E402
+from scenarios import _with_x, simulate, without_type  # noqa: E402
 
 import hpvade  # noqa: E402
 from hpvade.data._bulk import bulk_to_cpm  # noqa: E402
@@ -45,12 +45,6 @@ def cells() -> ad.AnnData:
     return out
 
 
-def without(reference: ad.AnnData, labels: str, cell_type: str) -> ad.AnnData:
-    kept = reference[reference.obs[labels] != cell_type].copy()
-    kept.obs[labels] = kept.obs[labels].cat.remove_unused_categories()
-    return kept
-
-
 def scenarios(n_samples: int = 300) -> dict:
     """``name -> (reference, bulk, labels key, missing type or None)``."""
     data = cells()
@@ -60,27 +54,27 @@ def scenarios(n_samples: int = 300) -> dict:
         if labels == "louvain":
             out["louvain clusters as labels"] = (
                 ref,
-                simulate_on(test, labels, 300, 1),
+                simulate(test, 300, seed=1, labels_key=labels),
                 labels,
                 None,
             )
             continue
-        clean = simulate_on(test, labels, n_samples, 1)
+        clean = simulate(test, n_samples, seed=1, labels_key=labels)
         out["reference lacks Dendritic"] = (
-            without(ref, labels, "Dendritic"),
+            without_type(ref, labels, "Dendritic"),
             clean,
             labels,
             "Dendritic",
         )
         out["reference lacks CD14+ Monocyte"] = (
-            without(ref, labels, "CD14+ Monocyte"),
+            without_type(ref, labels, "CD14+ Monocyte"),
             clean,
             labels,
             "CD14+ Monocyte",
         )
         rng = np.random.default_rng(123)
         for sigma, n in ((0.3, 50), (0.4, 40)):
-            bulk = simulate_on(test, labels, n, 3)
+            bulk = simulate(test, n, seed=3, labels_key=labels)
             x = np.asarray(bulk.X, dtype=float) * np.exp(rng.normal(0, sigma, bulk.shape))
             out[f"per-sample variation sigma {sigma} ({n} samples)"] = (
                 ref,
@@ -89,12 +83,6 @@ def scenarios(n_samples: int = 300) -> dict:
                 None,
             )
     return out
-
-
-def simulate_on(test, labels, n, seed):
-    return hpvade.pp.simulate_pseudobulk(
-        test, labels, n_pseudobulk=n, cells_per_pseudobulk=500, seed=seed
-    )
 
 
 def pearson(pred: pd.DataFrame, truth: pd.DataFrame) -> float:

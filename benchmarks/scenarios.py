@@ -46,15 +46,22 @@ def pbmc_split() -> tuple[ad.AnnData, ad.AnnData]:
     return hpvade.datasets.split_by_type(cells, PBMC_LABELS_KEY, fraction=0.5, seed=SPLIT_SEED)
 
 
-def simulate(test, n_samples=300, alpha=1.0, seed=1) -> ad.AnnData:
+def simulate(test, n_samples=300, alpha=1.0, seed=1, labels_key=PBMC_LABELS_KEY) -> ad.AnnData:
     return hpvade.pp.simulate_pseudobulk(
         test,
-        PBMC_LABELS_KEY,
+        labels_key,
         n_pseudobulk=n_samples,
         cells_per_pseudobulk=500,
         dirichlet_alpha=alpha,
         seed=seed,
     )
+
+
+def without_type(reference: ad.AnnData, labels_key: str, cell_type: str) -> ad.AnnData:
+    """A copy of ``reference`` without the cells of ``cell_type`` (category dropped too)."""
+    kept = reference[reference.obs[labels_key] != cell_type].copy()
+    kept.obs[labels_key] = kept.obs[labels_key].cat.remove_unused_categories()
+    return kept
 
 
 def make_scenarios(
@@ -77,10 +84,7 @@ def make_scenarios(
     add("3 sparse", "Dirichlet a=0.3", sparse)
     shift = np.exp(rng.normal(0, 0.5, size=x.shape[1]))
     add("4 shift", "gene-wise x exp(N(0,0.5^2))", _with_x(clean, x * shift))
-    ref_missing = reference[reference.obs[PBMC_LABELS_KEY] != MISSING_TYPE].copy()
-    ref_missing.obs[PBMC_LABELS_KEY] = ref_missing.obs[
-        PBMC_LABELS_KEY
-    ].cat.remove_unused_categories()
+    ref_missing = without_type(reference, PBMC_LABELS_KEY, MISSING_TYPE)
     add("5 missing", f"reference lacks {MISSING_TYPE}", clean, ref_missing)
     bio = simulate(test, n_samples=50, seed=3)
     xb = np.asarray(bio.X, dtype=float)

@@ -1,7 +1,5 @@
 """Proportion solvers: pure functions of (bulk, signature), callable without a model.
 
-- :func:`refine_anscombe`: Adam steps on the Anscombe-scale bulk loss, from a starting guess
-  (the unadapted model's fit: the same loss the model trains on).
 - :func:`robust_dampened_fit`: dampened weighted least squares with robust gene weights on the
   model's selected genes (the unadapted model's fit: see its docstring for the measurements).
 - :func:`weighted_nnls`: the exact gene-weighted non-negative least squares (the adapted
@@ -125,6 +123,14 @@ def _scaled_start(initial: np.ndarray, gram: np.ndarray, linear: np.ndarray) -> 
     return np.clip(coef, 0.0, None, out=coef)
 
 
+def _log_ratio_deviation(bulk: np.ndarray, fitted: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Each gene's ``log2((b + 1) / (fitted + 1))`` minus the sample's median ratio, and the
+    sample's robust standard deviation of the ratios (1.4826 × MAD)."""
+    ratio = np.log2((bulk + 1.0) / (fitted + 1.0))
+    deviation = ratio - np.median(ratio, axis=1, keepdims=True)
+    return deviation, 1.4826 * np.median(np.abs(deviation), axis=1, keepdims=True)
+
+
 def robust_dampened_fit(
     bulk: np.ndarray,
     signature: np.ndarray,
@@ -146,8 +152,9 @@ def robust_dampened_fit(
     known types explain.
 
     Measured on real PBMC bulk RNA-seq against flow cytometry (``benchmarks/real.py``, Wilcoxon
-    markers of the Hao reference): Finotello r 0.73 with the capped weights alone, 0.93-0.94
-    with the biweight (cut-off 2.5-3, cap 16-64 all within 0.01); Hoek 0.99 either way.
+    markers of the Hao reference, its signature): Finotello r 0.81 with the capped weights
+    alone, 0.94 with the biweight (cut-off 2.5-3 and cap 16-64 all within 0.01 of it); Hoek
+    0.999 either way.
 
     Parameters
     ----------
@@ -193,10 +200,8 @@ def robust_dampened_fit(
         fitted = c @ signature.T
         w = np.maximum(fitted, floor[active]) ** -2.0
         np.minimum(w, weight_cap * np.median(w, axis=1, keepdims=True), out=w)
-        ratio = np.log2((b + 1.0) / (fitted + 1.0))
-        centre = np.median(ratio, axis=1, keepdims=True)
-        spread = 1.4826 * np.median(np.abs(ratio - centre), axis=1, keepdims=True) + 1e-9
-        u = (ratio - centre) / (tukey_cutoff * spread)
+        deviation, spread = _log_ratio_deviation(b, fitted)
+        u = deviation / (tukey_cutoff * (spread + 1e-9))
         w *= np.where(np.abs(u) < 1.0, (1.0 - u**2) ** 2, 0.0)
         weights[active] = w
         gram = (w @ outer).reshape(-1, n_types, n_types)
@@ -225,7 +230,9 @@ def weighted_nnls(
     return _rows_sum_to_one(coef)
 
 
-def _weighted_coefficients(bulk, signature, gene_weights, initial, max_sweeps, tolerance):
+def _weighted_coefficients(
+    bulk, signature, gene_weights, initial=None, max_sweeps=2000, tolerance=1e-10
+):
     """The unnormalised coefficients of :func:`weighted_nnls`."""
     weighted = signature * gene_weights[:, None]
     gram = signature.T @ weighted
@@ -272,10 +279,8 @@ def unexplained_share(
     (EPIC's and Rectangle's reading) gave -0.67 / 0.79 / -0.35 / 0.68 and 0.12 / 0.76 / 0.65:
     a similar known type absorbs the missing one and the sum stays at 1.
     """
-    ratio = np.log2((bulk + 1.0) / (fitted + 1.0))
-    centre = np.median(ratio, axis=1, keepdims=True)
-    spread = 1.4826 * np.median(np.abs(ratio - centre), axis=1, keepdims=True)
-    short = ratio - centre > cutoff * spread
+    deviation, spread = _log_ratio_deviation(bulk, fitted)
+    short = deviation > cutoff * spread
     return np.where(short, np.clip(bulk - fitted, 0.0, None), 0.0).sum(axis=1) / 1e6
 
 
@@ -298,7 +303,7 @@ def fit_proportions(
     refine_steps: int,
     gene_weights: np.ndarray | None = None,
     genes: np.ndarray | None = None,
-) -> tuple[np.ndarray, np.ndarray]:
+) -> ProportionFit:
     """The proportion fit a model serves, in one place.
 
     - ``refine_steps <= 0``: ``initial`` as is (the network's output).
@@ -317,7 +322,7 @@ def fit_proportions(
         return ProportionFit(initial, np.ones(initial.shape[0]))
     if gene_weights is not None:
         coef = _weighted_coefficients(
-            bulk_cpm, signature, np.asarray(gene_weights, float), initial, 2000, 1e-10
+            bulk_cpm, signature, np.asarray(gene_weights, float), initial
         )
         return ProportionFit(_rows_sum_to_one(coef), coef.sum(axis=1))
     if genes is not None:

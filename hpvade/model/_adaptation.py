@@ -181,7 +181,7 @@ class AdaptationMixin:
         correlation 0.9996 with the reference signature) gave r 0.60, from a 3-epoch one 0.91,
         and from the reference signature 0.91 after either.
         """
-        if getattr(self, "reference_signature_", None) is not None:
+        if self.reference_signature_ is not None:
             return np.asarray(self.reference_signature_, dtype=float)
         return self.module.signature_array()
 

@@ -68,11 +68,13 @@ class ReferenceMixin:
         logger.info("The proportion fit uses %d of %d genes.", len(selected), self.adata.n_vars)
         return selected
 
-    def _fit_gene_index(self, found: np.ndarray | None = None) -> np.ndarray | None:
-        """Row indices of the selected genes (that the bulk has, given ``found``)."""
-        if self.selected_genes_ is None:  # a model saved before gene selection
-            return None if found is None else np.flatnonzero(found)
-        mask = self.var_names.isin(self.selected_genes_)
+    def _fit_gene_index(self, found: np.ndarray | None = None) -> np.ndarray:
+        """Row indices of the selected genes (that the bulk has, given ``found``); every gene
+        for a model saved before gene selection."""
+        if self.selected_genes_ is None:
+            mask = np.ones(len(self.var_names), dtype=bool)
+        else:
+            mask = np.asarray(self.var_names.isin(self.selected_genes_))
         return np.flatnonzero(mask if found is None else mask & found)
 
     def _require_reference(self, what: str) -> None:
