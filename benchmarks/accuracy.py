@@ -259,7 +259,8 @@ def run(quick: bool, with_peers: bool, out: Path) -> pd.DataFrame:
                 }
     table = pd.DataFrame(rows)
     ablation = run_ablation(ref, scenarios, max_epochs, tmp)
-    write_report(table, ablation, notes, train_seconds, peer_seconds, quick, out)
+    mode = ("quick" if quick else "full") + ("" if with_peers else ", no peers")
+    write_report(table, ablation, notes, train_seconds, peer_seconds, mode, out)
     plot_figure(predictions, scenarios, table, out)
     return table
 
@@ -290,7 +291,7 @@ def run_ablation(ref, scenarios, max_epochs, tmp: Path) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def write_report(table, ablation, notes, train_seconds, peer_seconds, quick, out: Path):
+def write_report(table, ablation, notes, train_seconds, peer_seconds, mode, out: Path):
     out.mkdir(parents=True, exist_ok=True)
     ok = table[table.get("error").isna()] if "error" in table else table
     wide = ok.pivot(index="method", columns="scenario", values="r").round(3)
@@ -300,7 +301,7 @@ def write_report(table, ablation, notes, train_seconds, peer_seconds, quick, out
         "",
         f"Date: {datetime.date.today()}. Python {platform.python_version()}, torch "
         f"{torch.__version__}, scvi-tools {scvi.__version__}, hpvade {hpvade.__version__}."
-        f" Machine: {os.cpu_count()} CPU cores. Mode: {'quick' if quick else 'full'}.",
+        f" Machine: {os.cpu_count()} CPU cores. Mode: {mode}.",
         "",
         "Data: scanpy `pbmc68k_reduced` (700 real PBMCs, 765 genes, 10 types), split 50/50 by "
         "type (seed 0). Methods see only the reference half; test bulks come only from the "

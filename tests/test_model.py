@@ -116,6 +116,19 @@ def test_bulk_lacking_genes_is_fitted_on_the_rest(trained, test_bulk):
         trained.get_proportions(none)
 
 
+def test_model_without_gene_selection_fits_every_gene_the_bulk_has(
+    trained, test_bulk, monkeypatch
+):
+    # a model saved before gene selection has no selected genes: every gene is fitted
+    monkeypatch.setattr(trained, "selected_genes_", None)
+    expected = _quiet_flag(trained.get_proportions, test_bulk.copy()).to_numpy()
+    few = test_bulk[:, 5:].copy()
+    got = _quiet_flag(trained.get_proportions, few).to_numpy()
+    report = few.uns["hpvade_gene_report"]
+    assert len(report["missing_genes"]) == 5 and "used_genes" not in report
+    assert np.abs(got - expected).mean() < 0.01
+
+
 def test_extra_and_reordered_bulk_genes_are_matched_by_name(trained, test_bulk):
     bulk = test_bulk.copy()
     expected = trained.get_proportions(bulk)

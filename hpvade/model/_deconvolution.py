@@ -80,10 +80,10 @@ class DeconvolutionMixin:
             0 returns the deconvolution network's output as is. Otherwise the network's output
             starts a fit of each sample to ``S @ c``: before :meth:`adapt`, this many rounds of
             dampened weighted least squares with robust gene weights on the selected genes
-            (:func:`hpvade._solvers.robust_dampened_fit`: relative errors, genes a protocol
-            distorts set aside); after :meth:`adapt`, the exact gene-weighted least squares
-            that adapt fitted S with (any positive value). ``uns["hpvade_estimator"]`` records
-            which.
+            (:func:`hpvade._solvers.robust_dampened_fit`: errors weighed by the variance
+            measured in each sample's residuals, genes a protocol distorts set aside); after
+            :meth:`adapt`, the exact gene-weighted least squares that adapt fitted S with (any
+            positive value). ``uns["hpvade_estimator"]`` records which.
         kind
             ``"cell"`` (default): fractions of cells. ``"rna"``: fractions of the sample's RNA.
             A bulk mixes RNA, so the model estimates RNA fractions; with a registered count
