@@ -5,17 +5,13 @@
   its variance power measured by :func:`variance_power`.
 - :func:`weighted_nnls`: the exact gene-weighted non-negative least squares (the adapted
   model's fit, and adapt's proportion step).
-- :func:`refine_anscombe`: Adam steps on the Anscombe-scale bulk loss the model trains on
-  (adapt's starting point).
 """
 
 from __future__ import annotations
 
-import functools
 from typing import NamedTuple
 
 import numpy as np
-import torch
 
 #: Re-weighting rounds of the served fit (``refine_steps`` of ``get_proportions``).
 DEFAULT_REFINE_STEPS = 30
@@ -34,54 +30,6 @@ TUKEY_CUTOFF = 3.0
 VARIANCE_POWER_RANGE = (1.0, 2.0)
 #: Bins of log fitted value in which the variance power is measured from the residuals.
 VARIANCE_POWER_BINS = 10
-#: Samples refined together in ``refine_anscombe``: keeps intermediates in cache.
-REFINE_BATCH_SIZE = 256
-
-
-def refine_anscombe(
-    bulk_cpm: torch.Tensor,
-    signature: torch.Tensor,
-    initial: torch.Tensor,
-    n_steps: int,
-    lr: float = 0.05,
-    batch_size: int = REFINE_BATCH_SIZE,
-) -> torch.Tensor:
-    """Per-sample proportions minimising the Anscombe-scale error to ``p @ signature.T``.
-
-    Adam on softmax logits, started from ``initial``. Samples are independent (Adam's moments
-    are per element), so they are refined ``batch_size`` at a time, small enough for the
-    (samples × genes) intermediates to stay in cache. The gradient is written out rather than
-    taken by autograd: three passes over those intermediates instead of about ten, which makes
-    10,000 samples × 5,000 genes about 5× faster.
-    """
-    # rows of p sum to 1, so p @ (S + 3/8).T = p @ S.T + 3/8: the offset costs nothing
-    shifted = signature.detach() + 0.375
-    scale = 1.0 / signature.shape[0]
-    constant = 4.0 * scale * shifted.sum(0)
-    parts = []
-    for start in range(0, bulk_cpm.shape[0], batch_size):
-        # -2 a / n_genes, with a = anscombe(bulk) = 2 sqrt(bulk + 3/8)
-        target = bulk_cpm[start : start + batch_size].detach().add(0.375).sqrt_()
-        target.mul_(-4.0 * scale)
-        logits = torch.log(initial[start : start + batch_size].detach().clamp_min(1e-6))
-        logits = logits.clone().requires_grad_(True)
-        optimizer = torch.optim.Adam([logits], lr=lr)
-        grad_y = torch.empty(target.shape, dtype=target.dtype, device=target.device)
-        for _ in range(n_steps):
-            with torch.no_grad():
-                proportions = torch.softmax(logits, dim=-1)
-                # d/dy mean_g (2 sqrt(y + 3/8) - a)^2 = (4 - 2 a / sqrt(y + 3/8)) / n_genes;
-                # written into one reused buffer (fresh large tensors page-fault every step)
-                torch.matmul(proportions, shifted.T, out=grad_y).rsqrt_().mul_(target)
-                grad_p = torch.addmm(constant, grad_y, shifted)
-                # back through the softmax: p * (g - <g, p>)
-                grad_p -= (grad_p * proportions).sum(-1, keepdim=True)
-                logits.grad = grad_p.mul_(proportions)
-            optimizer.step()
-        parts.append(torch.softmax(logits.detach(), dim=-1))
-    if not parts:
-        return initial.detach().clone()
-    return torch.cat(parts)
 
 
 def _coordinate_descent(
@@ -300,21 +248,6 @@ def _weighted_coefficients(
 def _rows_sum_to_one(coef: np.ndarray) -> np.ndarray:
     totals = coef.sum(axis=1, keepdims=True)
     return np.divide(coef, totals, out=np.full_like(coef, 1 / coef.shape[1]), where=totals > 0)
-
-
-def anscombe_proportions(
-    bulk_cpm: np.ndarray,
-    signature: np.ndarray,
-    initial: np.ndarray,
-    n_steps: int,
-    device: str | torch.device = "cpu",
-) -> np.ndarray:
-    """:func:`refine_anscombe` on numpy arrays (float32 on ``device``), rows sum to 1."""
-    as_tensor = functools.partial(torch.as_tensor, dtype=torch.float32, device=device)
-    refined = refine_anscombe(
-        as_tensor(bulk_cpm), as_tensor(signature), as_tensor(initial), n_steps
-    )
-    return refined.double().cpu().numpy()
 
 
 def unexplained_share(
