@@ -19,7 +19,7 @@ DEFAULT_REFINE_STEPS = 30
 ROUND_TOLERANCE = 1e-5
 #: Rounds re-fitting each signature draw, started from the served estimate (intervals).
 DRAW_REFINE_STEPS = 10
-#: Cap of the dampened weights ``1 / fitted²``, as a multiple of each sample's median weight
+#: Cap of the dampened weights ``1 / fitted^a``, as a multiple of each sample's median weight
 #: (DWLS's dampening: without it a handful of barely expressed genes carry the fit).
 WEIGHT_CAP = 32.0
 #: Tukey biweight cut-off on a gene's log ratio of bulk to fit, in robust standard deviations
