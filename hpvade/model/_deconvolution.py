@@ -112,9 +112,11 @@ class DeconvolutionMixin:
         - ``obs["hpvade_unknown_fraction"]``: the share of the sample (cells for
           ``kind="cell"``, RNA for ``"rna"``) that the reference's types do not explain,
           e.g. neutrophils in PBMC bulk against a PBMC reference: the expression in genes
-          the fit falls far short of (:func:`hpvade._solvers.unexplained_share`; cells of
-          unknown type counted with the reference's mean RNA content). A lower bound that
-          ranks samples well; the proportions are fractions of the known cells.
+          the fit falls far short of in at least half of the samples deconvolved together
+          and that rise and fall together (:func:`hpvade._solvers.unexplained_share`; cells
+          of unknown type counted with the reference's mean RNA content). A lower bound that
+          ranks the samples of one call; deconvolve a cohort in one call. The proportions
+          are fractions of the known cells.
         - ``obs["hpvade_fit_score"]``: mean over genes of the squared difference between
           ``anscombe(p @ S.T)`` and ``anscombe(bulk)`` (0 = perfectly explained).
         - ``obs["hpvade_unexplained_score"]``: the same with only the expression that
