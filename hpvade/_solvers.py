@@ -254,6 +254,7 @@ def _weighted_coefficients(
 
 
 def _rows_sum_to_one(coef: np.ndarray) -> np.ndarray:
+    """Rescale rows to sum to 1; an all-zero row becomes uniform."""
     totals = coef.sum(axis=1, keepdims=True)
     return np.divide(coef, totals, out=np.full_like(coef, 1 / coef.shape[1]), where=totals > 0)
 

@@ -7,6 +7,7 @@ import pandas as pd
 from anndata import AnnData
 from scipy.optimize import nnls
 
+from hpvade._solvers import _rows_sum_to_one
 from hpvade.data._genes import wilcoxon_markers
 from hpvade.data._labels import get_label_codes
 from hpvade.data._pseudobulk import cell_totals, cpm_rows, mean_per_type, rna_to_cell_fractions
@@ -20,12 +21,6 @@ __all__ = [
     "nnls_proportions",
     "type_rna_content",
 ]
-
-
-def _rows_sum_to_one(coef: np.ndarray) -> np.ndarray:
-    """Rescale rows to sum to 1; an all-zero row becomes uniform."""
-    totals = coef.sum(axis=1, keepdims=True)
-    return np.divide(coef, totals, out=np.full_like(coef, 1 / coef.shape[1]), where=totals > 0)
 
 
 def nnls_proportions(bulk_cpm: np.ndarray, signature: np.ndarray | pd.DataFrame) -> np.ndarray:
