@@ -38,6 +38,8 @@ UNEXPLAINED_COHORT_SHARE = 0.5
 #: the samples) count, in a cohort of at least ``UNEXPLAINED_MIN_COHORT`` samples.
 UNEXPLAINED_MIN_CORRELATION = 0.3
 UNEXPLAINED_MIN_COHORT = 10
+#: Samples per chunk of the unknown fraction's log ratios (memory, not results).
+UNEXPLAINED_CHUNK = 1024
 
 
 def _coordinate_descent(
@@ -291,8 +293,12 @@ def unexplained_share(
     fit's coefficient sum (EPIC's and Rectangle's reading) gave 0.12 and 0.76 on pbmc68k: a
     similar known type absorbs the missing one and the sum stays at 1.
     """
-    deviation, spread = _log_ratio_deviation(bulk, fitted)
-    short = deviation > cutoff * spread
+    short = np.empty(bulk.shape, dtype=bool)
+    # the log ratios are per-sample statistics: in chunks of samples, to bound the memory
+    for start in range(0, bulk.shape[0], UNEXPLAINED_CHUNK):
+        rows = slice(start, start + UNEXPLAINED_CHUNK)
+        deviation, spread = _log_ratio_deviation(bulk[rows], fitted[rows])
+        short[rows] = deviation > cutoff * spread
     genes = np.flatnonzero(short.mean(axis=0) >= cohort_share)
     excess = np.clip(bulk[:, genes] - fitted[:, genes], 0.0, None)
     if excess.shape[0] >= UNEXPLAINED_MIN_COHORT and genes.size > 2:

@@ -116,6 +116,18 @@ def test_unknown_fraction_counts_genes_the_cohort_cannot_explain_together():
     assert (cohort >= 0).all() and cohort.mean() < unknown.mean()
 
 
+def test_unknown_fraction_does_not_depend_on_the_chunk_size(monkeypatch):
+    rng = np.random.default_rng(4)
+    signature, truth = _mixtures(rng, n_samples=50)
+    fitted = truth @ signature.T
+    bulk = fitted * np.exp(rng.normal(0, 0.2, fitted.shape))
+    bulk[:, :20] *= 1 + 4 * rng.random(50)[:, None]  # unknown cells' genes, varying share
+    whole = unexplained_share(bulk, fitted)
+    monkeypatch.setattr("hpvade._solvers.UNEXPLAINED_CHUNK", 7)
+    np.testing.assert_array_equal(unexplained_share(bulk, fitted), whole)
+    assert (whole > 0).all()
+
+
 def test_gene_selection_default_all_or_a_list(pbmc_split, trained):
     selected = pd.Index(trained.selected_genes_)
     assert selected.isin(trained.var_names).all() and selected.is_unique

@@ -196,6 +196,8 @@ class DeconvolutionMixin:
         :func:`hpvade._solvers.unexplained_share`), on the genes the bulk has."""
         coefficients = fit.proportions * fit.explained[:, None]
         fitted = coefficients @ self.module.signature_array().T
+        if found.all():  # no copies of two samples × genes arrays
+            return unexplained_share(cpm, fitted)
         return unexplained_share(cpm[:, found], fitted[:, found])
 
     def _report_set_aside(self, bulk: AnnData, set_aside, found: np.ndarray) -> None:
