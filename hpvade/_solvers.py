@@ -308,7 +308,8 @@ def unexplained_share(
 
 def _follows_the_others(excess: np.ndarray) -> np.ndarray:
     """Per gene (column), the Spearman correlation over samples of its excess with the
-    samples' median excess relative to each gene's mean."""
+    samples' median excess relative to each gene's mean. Ranks and one product rather than
+    ``scipy.stats.spearmanr``, which would build the (genes + 1)² correlation matrix."""
     scale = excess.mean(axis=0)
     typical = np.median(excess / np.where(scale > 0, scale, 1.0), axis=1)
     gene_ranks = rankdata(excess, axis=0)

@@ -194,11 +194,11 @@ class DeconvolutionMixin:
     def _unknown_rna(self, cpm: np.ndarray, fit: ProportionFit, found: np.ndarray) -> np.ndarray:
         """The share of each sample's expression the reference cannot explain (see
         :func:`hpvade._solvers.unexplained_share`), on the genes the bulk has."""
+        signature = self.module.signature_array()
+        if not found.all():  # the fit on the genes the bulk has, not the fit then a copy
+            cpm, signature = cpm[:, found], signature[found]
         coefficients = fit.proportions * fit.explained[:, None]
-        fitted = coefficients @ self.module.signature_array().T
-        if found.all():  # no copies of two samples × genes arrays
-            return unexplained_share(cpm, fitted)
-        return unexplained_share(cpm[:, found], fitted[:, found])
+        return unexplained_share(cpm, coefficients @ signature.T)
 
     def _report_set_aside(self, bulk: AnnData, set_aside, found: np.ndarray) -> None:
         """Add to the gene report the fitted genes the robust fit set aside in at least half
