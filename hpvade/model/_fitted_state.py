@@ -38,6 +38,12 @@ FITTED_STATE = (
         "the interval calibration and get_proportions(n_draws=...)",
     ),
     FittedAttribute(
+        "cell_states_",
+        "get_cell_type_expression (on first use)",
+        ("train",),
+        "the reference's cell states (latent clusters) and their profiles",
+    ),
+    FittedAttribute(
         "adaptation_",
         "adapt",
         ("train", "adapt"),

@@ -27,6 +27,7 @@ from hpvade.data._validation import (
 from hpvade.model._adaptation import AdaptationMixin
 from hpvade.model._calibration import CalibrationMixin
 from hpvade.model._deconvolution import DeconvolutionMixin
+from hpvade.model._expression import ExpressionMixin
 from hpvade.model._fitted_state import reset_fitted_state
 from hpvade.model._reference import ReferenceMixin
 from hpvade.module import HPVADEModule
@@ -37,6 +38,7 @@ logger = logging.getLogger(__name__)
 
 class HPVADE(
     DeconvolutionMixin,
+    ExpressionMixin,
     CalibrationMixin,
     AdaptationMixin,
     ReferenceMixin,

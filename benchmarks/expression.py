@@ -1,0 +1,214 @@
+"""Each sample's cell-type-specific expression against truth (issue "The learned model earns
+its place"), on Kang 2018 PBMCs (control vs interferon-beta; ``kang_data.py``).
+
+Reference: donors 101 and 107 (both conditions, or control cells only); bulks: 200 of 1,000
+cells of donor 1015, Dirichlet(1) type fractions, each type's cells stimulated at its own share
+u_k ~ U(0, 1) (or one u per sample). Truth: per bulk and type, the CPM of the cells that went
+in. Scored types: at least 100 cells of each condition in donor 1015.
+
+Metrics (mean over scored types; samples with fewer than 10 cells of a type are left out of
+its scores):
+
+- per-gene r: Pearson across samples of log1p CPM, estimate vs truth, median over the 500
+  genes whose truth varies most;
+- response r: per gene, the slope of log1p CPM on u_k, estimate vs truth, Pearson over the
+  type's 1,000 most expressed genes.
+
+Methods, all with hpvade's proportions (``kind="rna"``): the reference profile (no variation),
+allocation (each gene's bulk split in proportion to p_k S_gk), hpvade's
+``get_cell_type_expression``, and the ceiling (allocation by the reference's own control and
+stimulated profiles mixed by the true u_k). ``--ablation`` adds hpvade variants (without the
+VAE path, the prototype loss, the bulk reconstruction; S frozen; one epoch; 400 epochs).
+
+Run ``.venv/bin/python benchmarks/expression.py --seeds 0,1,2 [--ablation]``; writes
+``results/expression.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import subprocess
+import time
+import warnings
+from pathlib import Path
+
+import anndata as ad
+import kang_data as kd
+import numpy as np
+import pandas as pd
+import scvi
+
+import hpvade
+from hpvade._states import allocate
+
+HERE = Path(__file__).resolve().parent
+MIN_CELLS_SCORED = 10
+N_VARIABLE = 500
+N_EXPRESSED = 1000
+
+VARIANTS = {
+    "hpvade": ({}, None),
+    "without the VAE path": ({"use_vae": False}, None),
+    "without the prototype loss": ({"prototype_weight": 0.0}, None),
+    "without the bulk reconstruction": ({"bulk_weight": 0.0}, None),
+    "S frozen": ({"learn_signature": False}, None),
+    "1 epoch": ({}, 1),
+    "400 epochs": ({}, 400),
+}
+
+
+def score(estimates: dict[str, np.ndarray], bulks: kd.KangBulks, genes) -> tuple[float, float]:
+    """(per-gene r, response r), means over the scored types."""
+    per_gene, response = [], []
+    for name in bulks.scored:
+        keep = (bulks.fractions[name] * 1000 >= MIN_CELLS_SCORED).to_numpy()
+        truth = np.log1p(bulks.truth[name][genes].to_numpy()[keep])
+        estimate = np.log1p(estimates[name][keep])
+        top = np.argsort(-truth.var(axis=0))[:N_VARIABLE]
+        rs = [
+            np.corrcoef(estimate[:, g], truth[:, g])[0, 1] if estimate[:, g].std() > 0 else 0.0
+            for g in top
+        ]
+        per_gene.append(float(np.median(rs)))
+        u = bulks.stim_share[name].to_numpy()[keep]
+        centred = u - u.mean()
+        slope_truth = centred @ (truth - truth.mean(0)) / (centred @ centred)
+        slope_estimate = centred @ (estimate - estimate.mean(0)) / (centred @ centred)
+        expressed = np.argsort(-np.expm1(truth).mean(axis=0))[:N_EXPRESSED]
+        flat = np.ptp(slope_estimate[expressed]) < 1e-9  # no variation: no response
+        response.append(
+            0.0
+            if flat
+            else float(np.corrcoef(slope_estimate[expressed], slope_truth[expressed])[0, 1])
+        )
+    return float(np.mean(per_gene)), float(np.mean(response))
+
+
+def baselines(model, ref, bulks, cpm, mixture, genes) -> dict[str, dict[str, np.ndarray]]:
+    types = list(model.cell_types)
+    signature = pd.DataFrame(model.reference_signature_, model.var_names, types).loc[genes]
+    out = {
+        "reference profile": {t: np.tile(signature[t].to_numpy(), (len(cpm), 1)) for t in types}
+    }
+    columns = [signature[t].to_numpy() for t in types]
+    out["allocation"] = {
+        t: allocate(cpm, mixture, columns, k) for k, t in enumerate(types) if t in bulks.scored
+    }
+    if (ref.obs["condition"] == "stim").any():
+        condition = kd.reference_condition_profiles(ref)
+        share = bulks.stim_share[types].to_numpy()
+        gene_rows = ref.var_names.get_indexer(genes)
+        profiles = [
+            (1 - share[:, [k]]) * condition["ctrl"][gene_rows, k]
+            + share[:, [k]] * condition["stim"][gene_rows, k]
+            for k in range(len(types))
+        ]
+        out["ceiling (true u_k)"] = {
+            t: allocate(cpm, mixture, profiles, k)
+            for k, t in enumerate(types)
+            if t in bulks.scored
+        }
+    return out
+
+
+def run_case(ref, bulks, seed, variants, control_only):
+    rows = []
+    frame = bulks.counts[ref.var_names]
+    for variant in variants:
+        module_kwargs, epochs = VARIANTS[variant]
+        scvi.settings.seed = seed
+        hpvade.HPVADE.setup_anndata(ref, labels_key=kd.LABELS, counts_layer="counts")
+        model = hpvade.HPVADE(ref, **module_kwargs)
+        started = time.perf_counter()
+        model.train(max_epochs=epochs, enable_progress_bar=False)
+        trained = time.perf_counter() - started
+        bulk = ad.AnnData(frame.astype(np.float32))
+        mixture = model.get_proportions(bulk.copy(), kind="rna").to_numpy()
+        started = time.perf_counter()
+        expression = model.get_cell_type_expression(bulk, cell_types=bulks.scored)
+        seconds = time.perf_counter() - started
+        genes = expression[bulks.scored[0]].columns
+        estimates = {t: e.to_numpy() for t, e in expression.items()}
+        cpm = frame[genes].to_numpy(float)
+        cpm = cpm / cpm.sum(axis=1, keepdims=True) * 1e6
+        methods = {}
+        if variant == "hpvade":
+            methods = baselines(model, ref, bulks, cpm, mixture, genes)
+        methods[variant] = estimates
+        for method, est in methods.items():
+            per_gene, response = score(est, bulks, genes)
+            rows.append(
+                {"method": method, "seed": seed, "per-gene r": per_gene, "response r": response,
+                 "train s": trained if method == variant else np.nan,
+                 "expression s": seconds if method == variant else np.nan}
+            )  # fmt: skip
+            print(f"  {method:34s} seed {seed}: per-gene {per_gene:.3f} response {response:.3f}",
+                  flush=True)  # fmt: skip
+    return rows
+
+
+def summarise(table: pd.DataFrame) -> pd.DataFrame:
+    def spread(values):
+        v = np.sort(values.dropna().to_numpy())
+        if v.size == 0:
+            return ""
+        return f"{v.min():.3f} / {np.median(v):.3f} / {v.max():.3f}"
+
+    order = list(dict.fromkeys(table["method"]))
+    out = table.groupby(["case", "method"], sort=False)[["per-gene r", "response r"]].agg(spread)
+    time_cols = table.groupby(["case", "method"], sort=False)[["train s"]].median().round(0)
+    out = out.join(time_cols)
+    del order
+    return out.reset_index()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--ablation", action="store_true")
+    parser.add_argument("--out", default=str(HERE / "results" / "expression.md"))
+    args = parser.parse_args()
+    seeds = [int(s) for s in args.seeds.split(",")]
+    warnings.filterwarnings("ignore")
+    adata = kd.load_kang()
+    cases = {
+        "per-type u_k, reference with both conditions": (False, False),
+        "one u per sample, reference with both conditions": (False, True),
+        "per-type u_k, control-only reference": (True, False),
+    }
+    rows = []
+    for case, (control_only, shared) in cases.items():
+        ref = kd.reference(adata, control_only)
+        variants = ["hpvade"]
+        if args.ablation and not control_only and not shared:
+            variants = list(VARIANTS)
+        for seed in seeds:
+            bulks = kd.simulate_bulks(adata, shared_share=shared, seed=seed)
+            print(f"{case}, seed {seed}", flush=True)
+            for row in run_case(ref, bulks, seed, variants, control_only):
+                rows.append({"case": case, **row})
+    table = pd.DataFrame(rows)
+    summary = summarise(table)
+    commit = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=HERE
+    ).stdout.strip()
+    lines = [
+        "# Cell-type-specific expression on Kang 2018 (`benchmarks/expression.py`)",
+        "",
+        f"Commit {commit}, {datetime.date.today()}, seeds {args.seeds}; figures are "
+        "min / median / max over seeds (each seed: its own bulks and model).",
+        "",
+        summary.to_markdown(index=False),
+        "",
+        "Per seed:",
+        "",
+        table.round(3).to_markdown(index=False),
+        "",
+    ]
+    Path(args.out).write_text("\n".join(lines))
+    print(summary.to_string())
+
+
+if __name__ == "__main__":
+    main()

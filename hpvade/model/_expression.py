@@ -1,0 +1,157 @@
+"""Each sample's cell-type-specific expression: ``get_scale_for_ct`` and
+``get_cell_type_expression``."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+import torch
+from anndata import AnnData
+from scvi import settings
+
+from hpvade._solvers import DEFAULT_REFINE_STEPS
+from hpvade._states import (
+    CellStates,
+    allocate,
+    cluster_states,
+    fit_state_weights,
+    sample_profiles,
+    state_profiles,
+)
+from hpvade.data._bulk import as_bulk_anndata
+from hpvade.data._pseudobulk import mix_cells
+
+logger = logging.getLogger(__name__)
+
+#: Reference cells per type that define its states (a random subset of larger types).
+MAX_CELLS_PER_TYPE_FOR_STATES = 2000
+
+
+class ExpressionMixin:
+    """Cell-type-specific expression of bulk samples from the VAE's cell states."""
+
+    def get_scale_for_ct(
+        self, bulk: AnnData | pd.DataFrame, cell_type: str, layer: str | None = None
+    ) -> pd.DataFrame:
+        """Each sample's expression profile of one cell type's cells.
+
+        The name follows :meth:`scvi.model.DestVI.get_scale_for_ct`. See
+        :meth:`get_cell_type_expression` for how it is estimated.
+
+        Parameters
+        ----------
+        bulk
+            Bulk samples (samples × genes) on a linear scale, as for :meth:`get_proportions`.
+        cell_type
+            One of :attr:`cell_types`.
+        layer
+            Layer of ``bulk`` with the values; ``None`` uses ``bulk.X``.
+
+        Returns
+        -------
+        DataFrame (samples × the model's genes that the bulk has), CPM: rows sum to 1e6.
+        """
+        if cell_type not in self.cell_types:
+            raise ValueError(
+                f"Unknown cell type {cell_type!r}; the model's types are {list(self.cell_types)}."
+            )
+        return self.get_cell_type_expression(bulk, layer, cell_types=[cell_type])[cell_type]
+
+    def get_cell_type_expression(
+        self,
+        bulk: AnnData | pd.DataFrame,
+        layer: str | None = None,
+        cell_types: list[str] | None = None,
+    ) -> dict[str, pd.DataFrame]:
+        """Each sample's expression profile of each cell type's cells.
+
+        Every type's reference cells form states: clusters in the VAE's latent space, each
+        with a profile from its cells and the decoder. For each sample, the weights of each
+        type's states are fitted to the bulk (with the type's share held at the proportions
+        :meth:`get_proportions` serves), giving a state-aware profile per sample and type;
+        each gene's bulk expression is then split among the types in proportion to
+        ``proportion × profile``. A type whose cells are stimulated in some samples and not
+        in others is thus told apart from a type that is not, where the reference holds both
+        states. Nothing is written to ``bulk``.
+
+        Parameters
+        ----------
+        bulk
+            Bulk samples (samples × genes) on a linear scale, as for :meth:`get_proportions`.
+        layer
+            Layer of ``bulk`` with the values; ``None`` uses ``bulk.X``.
+        cell_types
+            Types to return; ``None``: all.
+
+        Returns
+        -------
+        ``{cell type: DataFrame}``: samples × the model's genes that the bulk has, CPM (rows
+        sum to 1e6; all zeros where a type's share is 0).
+        """
+        wanted = list(self.cell_types) if cell_types is None else list(cell_types)
+        bulk = as_bulk_anndata(bulk).copy()  # the gene report of the checks stays on a copy
+        cpm, found = self._bulk_cpm(bulk, layer, allow_missing=True)
+        mixture = self._deconvolve(cpm, None, DEFAULT_REFINE_STEPS, found).proportions
+        states = self.cell_states()
+        genes = np.flatnonzero(found)
+        cpm = cpm[:, genes]
+        states = CellStates(states.profiles[genes], states.cell_type, states.frequencies)
+        weights = fit_state_weights(cpm, mixture, states)
+        profiles = [sample_profiles(weights, states, k) for k in range(len(self.cell_types))]
+        index, columns = bulk.obs_names.copy(), self.var_names[genes]
+        result = {}
+        for name in wanted:
+            k = int(self.cell_types.get_loc(name))
+            result[name] = pd.DataFrame(allocate(cpm, mixture, profiles, k), index, columns)
+        logger.info("Cell-type expression of %d samples, %d types.", bulk.n_obs, len(wanted))
+        return result
+
+    def cell_states(self) -> CellStates:
+        """The reference's cell states (computed once, then kept in ``cell_states_``)."""
+        if self.cell_states_ is None:
+            self._check_if_trained(warn=False, message=self._not_trained_message)
+            self._require_reference("Cell states")
+            self.cell_states_ = self._compute_cell_states()
+        return self.cell_states_
+
+    @torch.no_grad()
+    def _compute_cell_states(self) -> CellStates:
+        rng = np.random.default_rng(settings.seed or 0)
+        codes = self._label_codes()
+        n_types = len(self.cell_types)
+        members = []
+        for t in range(n_types):
+            cells = np.flatnonzero(codes == t)
+            if cells.size > MAX_CELLS_PER_TYPE_FOR_STATES:
+                cells = np.sort(rng.choice(cells, MAX_CELLS_PER_TYPE_FOR_STATES, replace=False))
+            members.append(cells)
+        subset = np.concatenate(members)
+        sub_codes = codes[subset]
+        self.module.eval()
+        loader = self._make_data_loader(adata=self.adata, indices=subset, batch_size=1024)
+        latent, decoded = [], []
+        for tensors in loader:
+            inference = self.module.inference(**self.module._get_inference_input(tensors))
+            z = inference["qz"].loc
+            scale = self.module.generative(z, inference["library"])["px_scale"]
+            latent.append(z.cpu().numpy())
+            decoded.append(scale.double().cpu().numpy())
+        latent, decoded = np.concatenate(latent), np.concatenate(decoded)
+        state_of_cell = cluster_states(latent, sub_codes, n_types, seed=int(rng.integers(2**31)))
+        n_states = int(state_of_cell.max()) + 1
+        state_type = np.zeros(n_states, dtype=np.int64)
+        state_type[state_of_cell] = sub_codes
+        indicator = sp.csr_matrix(
+            (np.ones(subset.size), (state_of_cell, subset)), shape=(n_states, codes.size)
+        )
+        aggregated = mix_cells(self.adata, indicator, *self._linear_source())
+        totals = self._cell_totals()[subset]
+        by_state = sp.csr_matrix(
+            (totals, (state_of_cell, np.arange(subset.size))), shape=(n_states, subset.size)
+        )
+        decoded_sum = by_state @ decoded  # RNA-weighted, as the aggregate is
+        logger.info("Cell states: %d over %d types.", n_states, n_types)
+        return state_profiles(aggregated, decoded_sum, state_type, self.reference_signature_)
