@@ -1,0 +1,99 @@
+"""Each sample's cell-type-specific expression (``get_cell_type_expression``)."""
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import pytest
+import scipy.sparse as sp
+
+from .conftest import train_briefly
+
+
+def test_expression_shapes_and_scales(trained, test_bulk):
+    bulk = test_bulk.copy()
+    before = (bulk.X.copy(), dict(bulk.obsm), dict(bulk.uns))
+    expression = trained.get_cell_type_expression(bulk)
+    mixture = trained.get_proportions(bulk.copy(), kind="rna")
+    assert list(expression) == list(trained.cell_types)
+    for name, frame in expression.items():
+        assert frame.shape == (bulk.n_obs, trained.adata.n_vars)
+        assert list(frame.index) == list(bulk.obs_names)
+        values = frame.to_numpy()
+        assert np.all(values >= 0)
+        # CPM where the type is present, zeros where its share is 0
+        expected = np.where(mixture[name].to_numpy() > 0, 1e6, 0.0)
+        np.testing.assert_allclose(values.sum(axis=1), expected, rtol=1e-6)
+        assert (expected > 0).mean() > 0.5
+    one = trained.get_scale_for_ct(bulk, trained.cell_types[2])
+    pd.testing.assert_frame_equal(one, expression[trained.cell_types[2]])
+    # a getter: the user's bulk is untouched
+    np.testing.assert_array_equal(bulk.X, before[0])
+    assert set(bulk.obsm) == set(before[1]) and set(bulk.uns) == set(before[2])
+
+
+def test_unknown_cell_type_names_the_types(trained, test_bulk):
+    with pytest.raises(ValueError, match="Unknown cell type 'Neutrophil'.*model's types"):
+        trained.get_scale_for_ct(test_bulk, "Neutrophil")
+
+
+def _state_shift_data(seed=0, n_genes=200, n_bulks=80):
+    """Three types; in types 0 and 1 half the reference cells are 'stimulated' (genes 0-9 up
+    in both, 10-19 only in type 0, 20-29 only in type 1). Bulks mix the types with each
+    type's own stimulated share; truth is each type's expected profile in the sample."""
+    rng = np.random.default_rng(seed)
+    base = rng.gamma(0.6, 1.0, size=(3, n_genes)) + 0.02
+    stim = base.copy()
+    stim[0, :20] *= 8
+    stim[1, :10] *= 8
+    stim[1, 20:30] *= 8
+    base /= base.sum(1, keepdims=True)
+    stim /= stim.sum(1, keepdims=True)
+    n_cells = 900
+    types = np.arange(n_cells) % 3
+    stimulated = (np.arange(n_cells) // 3) % 2 == 1
+    profile = np.where(stimulated[:, None], stim[types], base[types])
+    library = rng.poisson(2000 * rng.gamma(10.0, 0.1, n_cells))
+    counts = rng.poisson(profile * library[:, None]).astype(np.float32)
+    x = np.log1p(counts / np.maximum(counts.sum(1, keepdims=True), 1) * 1e4).astype(np.float32)
+    obs = pd.DataFrame(
+        {"cell_type": pd.Categorical([f"type{t}" for t in types])},
+        index=[f"cell{i}" for i in range(n_cells)],
+    )
+    var = pd.DataFrame(index=[f"gene{j}" for j in range(n_genes)])
+    ref = ad.AnnData(sp.csr_matrix(x), obs=obs, var=var, layers={"counts": sp.csr_matrix(counts)})
+
+    fractions = rng.dirichlet(np.ones(3), n_bulks)
+    share = rng.random((n_bulks, 3))
+    share[:, 2] = 0.0
+    truth = (1 - share)[:, :, None] * base[None] + share[:, :, None] * stim[None]
+    mixed = (fractions[:, :, None] * truth).sum(1)
+    reads = rng.poisson(mixed * 2e6).astype(np.float32)
+    bulk = ad.AnnData(reads, obs=pd.DataFrame(index=[f"bulk{i}" for i in range(n_bulks)]), var=var)
+    return ref, bulk, truth * 1e6
+
+
+def _median_gene_r(estimate, truth, genes):
+    return float(
+        np.median(
+            [np.corrcoef(np.log1p(estimate[:, g]), np.log1p(truth[:, g]))[0, 1] for g in genes]
+        )
+    )
+
+
+def test_state_shift_beats_allocation():
+    ref, bulk, truth = _state_shift_data()
+    model = train_briefly(ref, max_epochs=40, labels_key="cell_type", counts_layer="counts")
+    mixture = model.get_proportions(bulk.copy(), kind="rna").to_numpy()
+    expression = model.get_cell_type_expression(bulk)
+    cpm = bulk.X / bulk.X.sum(1, keepdims=True) * 1e6
+    signature = model.reference_signature_
+    total = mixture @ signature.T
+    for k, genes in ((0, range(0, 20)), (1, list(range(0, 10)) + list(range(20, 30)))):
+        present = mixture[:, k] > 0.05
+        own = (cpm * mixture[:, [k]] * signature[:, k] / total)[present]
+        allocation = own / own.sum(1, keepdims=True) * 1e6
+        estimate = expression[f"type{k}"].to_numpy()[present]
+        r_allocation = _median_gene_r(allocation, truth[present, k], genes)
+        r_estimate = _median_gene_r(estimate, truth[present, k], genes)
+        assert r_estimate > r_allocation + 0.1, (k, r_estimate, r_allocation)
+        assert r_estimate > 0.8, (k, r_estimate)
