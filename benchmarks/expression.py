@@ -27,8 +27,6 @@ Run ``.venv/bin/python benchmarks/expression.py --seeds 0,1,2 [--ablation]``; wr
 from __future__ import annotations
 
 import argparse
-import datetime
-import subprocess
 import time
 import warnings
 from pathlib import Path
@@ -38,6 +36,8 @@ import kang_data as kd
 import numpy as np
 import pandas as pd
 import scvi
+from provenance import stamp
+from variants import VARIANTS
 
 import hpvade
 from hpvade._states import allocate
@@ -46,16 +46,6 @@ HERE = Path(__file__).resolve().parent
 MIN_CELLS_SCORED = 10
 N_VARIABLE = 500
 N_EXPRESSED = 1000
-
-VARIANTS = {
-    "hpvade": ({}, None),
-    "without the VAE path": ({"use_vae": False}, None),
-    "without the prototype loss": ({"prototype_weight": 0.0}, None),
-    "without the bulk reconstruction": ({"bulk_weight": 0.0}, None),
-    "S frozen": ({"learn_signature": False}, None),
-    "1 epoch": ({}, 1),
-    "400 epochs": ({}, 400),
-}
 
 
 def score(estimates: dict[str, np.ndarray], bulks: kd.KangBulks, genes) -> tuple[float, float]:
@@ -190,13 +180,10 @@ def main() -> None:
                 rows.append({"case": case, **row})
     table = pd.DataFrame(rows)
     summary = summarise(table)
-    commit = subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=HERE
-    ).stdout.strip()
     lines = [
         "# Cell-type-specific expression on Kang 2018 (`benchmarks/expression.py`)",
         "",
-        f"Commit {commit}, {datetime.date.today()}, seeds {args.seeds}; figures are "
+        f"Produced by `benchmarks/expression.py` at {stamp()}, seeds {args.seeds}; figures are "
         "min / median / max over seeds (each seed: its own bulks and model).",
         "",
         summary.to_markdown(index=False),

@@ -19,6 +19,7 @@ Run ``.venv/bin/python benchmarks/real.py`` (``--seeds 0,1,2``, ``--rectangle``)
 from __future__ import annotations
 
 import argparse
+import itertools
 import logging
 import subprocess
 import time
@@ -30,6 +31,8 @@ import numpy as np
 import pandas as pd
 import scanpy as sc
 import scvi
+from provenance import stamp
+from variants import VARIANTS
 
 import hpvade
 from hpvade.data._pseudobulk import cpm_rows, rna_to_cell_fractions
@@ -48,6 +51,15 @@ HOEK_TYPES = {
     "Tcells": ["T cells CD4 conv", "Tregs", "T cells CD8"],
 }
 RECTANGLE_VENV = HERE / ".cache" / "rectangle-venv"
+#: Racle's columns as sums of reference types; scored as the relative composition of these
+#: known types (cancer and other cells, 30-88 % of each node, are not in the reference).
+RACLE_TYPES = {
+    "Bcells": ["B cells", "Plasma cells"],
+    "CD4_Tcells": ["T cells CD4 conv", "Tregs"],
+    "CD8_Tcells": ["T cells CD8"],
+    "NKcells": ["NK cells"],
+}
+RACLE = "Racle (4 lymph nodes, known types)"
 #: The cross-dataset scenario's shared types, from each data set's labels.
 HAO_SHARED = {"Monocytes": "Monocytes", "B cells": "B", "NK cells": "NK",
               "T cells CD4 conv": "CD4 T", "Tregs": "Treg", "T cells CD8": "CD8 T",
@@ -59,6 +71,8 @@ PBMC68K_SHARED = {"CD14+ Monocyte": "Monocytes", "CD19+ B": "B", "CD56+ NK": "NK
 CROSS_LABELS = "shared_type"
 #: hpvade's unknown fraction per (data set, seed), filled by ``hpvade_runs``.
 UNKNOWN: dict = {}
+#: Seconds of each ``train`` call per (variant, seed), filled by ``hpvade_runs``.
+TRAIN_SECONDS: dict = {}
 
 
 def load_bulks(data: Path) -> dict[str, tuple[pd.DataFrame, pd.DataFrame]]:
@@ -68,9 +82,13 @@ def load_bulks(data: Path) -> dict[str, tuple[pd.DataFrame, pd.DataFrame]]:
     hoek = pd.read_csv(data / "hoek_counts.csv.gz", index_col=0)
     hoek = hoek.T.groupby(level=0).sum().T  # duplicated symbols summed
     hoek_facs = pd.read_csv(data / "hoek_facs.csv", index_col=0).loc[hoek.index]
+    racle = pd.read_csv(data / "racle_ln_tpm.csv.gz", index_col=0)
+    racle_facs = pd.read_csv(data / "racle_ln_facs.csv", index_col=0).loc[racle.index]
+    known = racle_facs[list(RACLE_TYPES)]
     return {
         "Finotello (4 donors)": (finotello, facs[FINOTELLO_TYPES]),
         "Hoek (2 donors)": (hoek, hoek_facs[list(HOEK_TYPES)]),
+        RACLE: (racle, known.div(known.sum(axis=1), axis=0)),
     }
 
 
@@ -121,8 +139,9 @@ def cross_dataset_cohorts(data: Path, n_bulks: int = 300) -> dict:
     }
 
 
-def cross_dataset_runs(cohorts: dict, seeds: list[int], max_epochs) -> dict:
-    """NNLS, the plain recipe, and hpvade before and after adapt, on both directions."""
+def cross_dataset_runs(cohorts: dict, seeds: list[int], max_epochs, variants=("hpvade",)) -> dict:
+    """NNLS, the plain recipe, and hpvade before and after adapt, on both directions (the
+    ablation's other variants: before adapt only)."""
     results = {}
     for name, (ref, bulk, _) in cohorts.items():
         frame = pd.DataFrame(bulk.X, bulk.obs_names, bulk.var_names)
@@ -133,12 +152,15 @@ def cross_dataset_runs(cohorts: dict, seeds: list[int], max_epochs) -> dict:
         results[("plain recipe", name, 0)] = hpvade.baselines.marker_recipe_proportions(
             ref, CROSS_LABELS, frame
         )
-        for seed in seeds:
+        for seed, variant in itertools.product(seeds, variants):
+            module_kwargs, epochs = VARIANTS[variant]
             scvi.settings.seed = seed
             hpvade.HPVADE.setup_anndata(ref, labels_key=CROSS_LABELS)
-            model = hpvade.HPVADE(ref)
-            model.train(max_epochs=max_epochs, enable_progress_bar=False)
-            results[("hpvade", name, seed)] = model.get_proportions(bulk.copy())
+            model = hpvade.HPVADE(ref, **module_kwargs)
+            model.train(max_epochs=epochs or max_epochs, enable_progress_bar=False)
+            results[(variant, name, seed)] = model.get_proportions(bulk.copy())
+            if variant != "hpvade":
+                continue
             model.adapt(bulk.copy())
             results[("hpvade + adapt", name, seed)] = model.get_proportions(bulk.copy())
             print(f"{name} seed {seed} done", flush=True)
@@ -149,6 +171,9 @@ def to_truth_columns(props: pd.DataFrame, truth: pd.DataFrame) -> pd.DataFrame:
     """Estimated proportions on the truth's columns (Hoek's merged T cells summed)."""
     if list(truth.columns) == list(HOEK_TYPES) and "Tcells" not in props.columns:
         return pd.DataFrame({k: props[v].sum(axis=1) for k, v in HOEK_TYPES.items()})
+    if list(truth.columns) == list(RACLE_TYPES) and "Bcells" not in props.columns:
+        known = pd.DataFrame({k: props[v].sum(axis=1) for k, v in RACLE_TYPES.items()})
+        return known.div(known.sum(axis=1), axis=0)  # relative composition of the known types
     return props[truth.columns]
 
 
@@ -195,20 +220,26 @@ def rectangle(ref: ad.AnnData, bulk: pd.DataFrame, tmp: Path) -> pd.DataFrame:
     return pd.read_csv(tmp / "rectangle.csv", index_col=0)
 
 
-def hpvade_runs(ref, bulks, seeds, max_epochs):
-    """Per seed: a model trained with defaults, then its proportions before and after adapt."""
+def hpvade_runs(ref, bulks, seeds, max_epochs, variants=("hpvade",)):
+    """Per seed: a model trained with defaults, then its proportions before and after adapt
+    (the ablation's other variants: before adapt only)."""
     results = {}
-    for seed in seeds:
+    for seed, variant in itertools.product(seeds, variants):
+        module_kwargs, epochs = VARIANTS[variant]
         scvi.settings.seed = seed
         hpvade.HPVADE.setup_anndata(ref, labels_key=LABELS, counts_layer="counts")
-        model = hpvade.HPVADE(ref)
+        model = hpvade.HPVADE(ref, **module_kwargs)
         started = time.perf_counter()
-        model.train(max_epochs=max_epochs, enable_progress_bar=False)
-        print(f"seed {seed}: trained in {time.perf_counter() - started:.0f} s", flush=True)
+        model.train(max_epochs=epochs or max_epochs, enable_progress_bar=False)
+        seconds = time.perf_counter() - started
+        TRAIN_SECONDS[(variant, seed)] = seconds
+        print(f"{variant}, seed {seed}: trained in {seconds:.0f} s", flush=True)
         for name, (bulk, _) in bulks.items():
             adata = ad.AnnData(bulk[ref.var_names].astype(np.float32))
             served = adata.copy()
-            results[("hpvade", name, seed)] = model.get_proportions(served)
+            results[(variant, name, seed)] = model.get_proportions(served)
+            if variant != "hpvade":
+                continue
             UNKNOWN[(name, seed)] = served.obs["hpvade_unknown_fraction"]
             if adata.n_obs < 3:  # adapt refuses fewer than 3 samples (Hoek has 2)
                 continue
@@ -272,6 +303,11 @@ def main() -> None:
     parser.add_argument("--max-epochs", type=int, default=None)
     parser.add_argument("--rectangle", action="store_true")
     parser.add_argument("--no-cross", action="store_true", help="skip the cross-dataset part")
+    parser.add_argument(
+        "--variants",
+        default="hpvade",
+        help=f"comma-separated model variants (the ablation): {', '.join(VARIANTS)}",
+    )
     parser.add_argument("--output", default=str(HERE / "results" / "real.md"))
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
@@ -292,12 +328,13 @@ def main() -> None:
             tmp.mkdir(parents=True, exist_ok=True)
             results[("Rectangle 1.7.0", name, 0)] = rectangle(ref, bulk[ref.var_names], tmp)
     seeds = [int(s) for s in args.seeds.split(",")]
-    results.update(hpvade_runs(ref, bulks, seeds, args.max_epochs))
+    variants = args.variants.split(",")
+    results.update(hpvade_runs(ref, bulks, seeds, args.max_epochs, variants))
     truths = {name: truth for name, (_, truth) in bulks.items()}
     if not args.no_cross:
         cohorts = cross_dataset_cohorts(data)
         truths.update({name: truth for name, (_, _, truth) in cohorts.items()})
-        results.update(cross_dataset_runs(cohorts, seeds, args.max_epochs))
+        results.update(cross_dataset_runs(cohorts, seeds, args.max_epochs, variants))
 
     rows = []
     for (method, name, seed), props in results.items():
@@ -313,11 +350,21 @@ def main() -> None:
         [
             "# Real bulk RNA-seq against flow cytometry",
             "",
+            f"Produced by `benchmarks/real.py` at {stamp()}.",
+            "",
             f"Reference: Hao PBMC, {ref.n_obs} cells x {ref.n_vars} genes (shared with every "
             f"bulk). hpvade seeds: {seeds}; default epochs unless stated "
-            f"(max_epochs={args.max_epochs}). Produced by `benchmarks/real.py`.",
+            f"(max_epochs={args.max_epochs}).",
             "",
             summary.to_markdown(),
+            "",
+            "## Train time (Hao reference, seconds per `train` call)",
+            "",
+            pd.Series(TRAIN_SECONDS, name="seconds")
+            .round(1)
+            .rename_axis(["variant", "seed"])
+            .to_frame()
+            .to_markdown(),
             "",
             "## Unknown content (Finotello: flow cytometry's neutrophils + other)",
             "",

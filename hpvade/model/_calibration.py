@@ -1,5 +1,6 @@
-"""Calibrations of what ``get_proportions`` serves: the unexplained-sample flag and the
-90 % intervals. Both run at the end of ``train`` and ``adapt``, never in a getter."""
+"""Calibrations of what ``get_proportions`` serves: the unexplained-sample flag (at the end of
+``train`` and ``adapt``) and the 90 % intervals (on first use: most calls never ask for
+them, and their calibration costs more than a short training)."""
 
 from __future__ import annotations
 
@@ -33,13 +34,24 @@ class CalibrationMixin:
     """Calibrated uncertainty: signature draws from the VAE posterior, the flag threshold."""
 
     def _calibrate(self, seed: int = 0) -> None:
-        """Both calibrations, from one set of half-split fits (``train`` and ``adapt``)."""
+        """The flag's calibration (``train`` and ``adapt``); the intervals wait for their
+        first use (``_ensure_interval_calibration``)."""
         rng = np.random.default_rng(seed)
         fits = list(self._calibration_fits(UNEXPLAINED_CALIBRATION_PSEUDOBULKS, rng))
         self._calibrate_unexplained_on(fits, UNEXPLAINED_QUANTILE)
-        n = INTERVAL_CALIBRATION_PSEUDOBULKS  # the intervals use the first n of each split
-        fits = [(s, cpm[:n], truth[:n], est[:n], w) for s, cpm, truth, est, w in fits]
-        self._calibrate_uncertainty_on(fits, INTERVAL_CALIBRATION_DRAWS, INTERVAL_COVERAGE, rng)
+
+    def _ensure_interval_calibration(self) -> None:
+        """Calibrate the intervals now if the served estimator has not been (first draws)."""
+        if self.interval_scale_ is not None:
+            return
+        if self.adata is None:
+            raise RuntimeError(
+                "The intervals are not calibrated and the model has no reference to calibrate "
+                "them on: load it with `hpvade.HPVADE.load(path, adata=ref)`, then ask for "
+                "draws again."
+            )
+        logger.info("Calibrating the intervals (first call with draws).")
+        self.calibrate_uncertainty()
 
     def _calibration_fits(
         self, n_pseudobulk: int, rng: np.random.Generator
@@ -138,7 +150,8 @@ class CalibrationMixin:
     ) -> np.ndarray:
         """Calibrate the width of the proportion intervals on pseudobulks of known composition.
 
-        Runs at the end of :meth:`train` and :meth:`adapt`. The signature draws of
+        Runs on the first :meth:`get_proportions` call with ``n_draws > 0`` after :meth:`train`
+        or :meth:`adapt` (call it yourself to pay the cost up front). The signature draws of
         :meth:`get_proportions` capture how much the type profiles vary under the VAE
         posterior, not every source of error, so their spread alone is far too narrow. As for
         the unexplained-sample flag, a signature from half the reference cells of each type

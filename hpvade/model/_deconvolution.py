@@ -97,7 +97,8 @@ class DeconvolutionMixin:
             sample of q(z | x), cells bootstrapped within their type) and re-fits the
             proportions. The draws' standard deviation goes to ``obsm[key_added + "_std"]``;
             times a per-type factor ``interval_scale_`` calibrated on pseudobulks of known
-            composition (see :meth:`calibrate_uncertainty`) it gives the 90 % interval
+            composition (see :meth:`calibrate_uncertainty`; it runs on the first call with
+            draws after ``train`` or ``adapt``, once) it gives the 90 % interval
             ``obsm[key_added + "_lower"]`` / ``obsm[key_added + "_upper"]`` around the
             estimate. 20 draws are a good default. (Called ``n_samples`` before 0.2.)
 
@@ -320,12 +321,7 @@ class DeconvolutionMixin:
             )
 
     def _write_intervals(self, bulk, cpm, mixture, kind, key_added, n_draws, refine_steps, found):
-        if self.interval_scale_ is None:
-            raise RuntimeError(
-                "The intervals are not calibrated (a model saved before hpvade 0.2, or loaded "
-                "without its reference): call `model.calibrate_uncertainty()` once, then ask "
-                "for draws again."
-            )
+        self._ensure_interval_calibration()
         signature = self.module.signature_array()
         if self.signature_ratios_ is not None and n_draws <= len(self.signature_ratios_):
             ratios = self.signature_ratios_[:n_draws].astype(float)  # drawn at calibration

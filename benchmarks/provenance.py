@@ -1,0 +1,22 @@
+"""The line every results file starts with: the commit and date that produced it."""
+
+from __future__ import annotations
+
+import datetime
+import subprocess
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+
+
+def stamp() -> str:
+    """``"commit abc1234, 2026-11-30"`` (``"+ uncommitted changes"`` when the tree is dirty)."""
+
+    def git(*args: str) -> str:
+        return subprocess.run(
+            ["git", *args], capture_output=True, text=True, cwd=HERE, check=False
+        ).stdout.strip()
+
+    commit = git("rev-parse", "--short", "HEAD") or "unknown"
+    dirty = " + uncommitted changes" if git("status", "--porcelain", "--", "../hpvade") else ""
+    return f"commit {commit}{dirty}, {datetime.date.today().isoformat()}"
