@@ -6,7 +6,7 @@ VARIANTS = {
     "without the VAE path": ({"use_vae": False}, None),
     "without the prototype loss": ({"prototype_weight": 0.0}, None),
     "without the bulk reconstruction": ({"bulk_weight": 0.0}, None),
-    "S frozen": ({"learn_signature": False}, None),
+    "S learned": ({"learn_signature": True}, None),
     "1 epoch": ({}, 1),
     "400 epochs": ({}, 400),
 }

@@ -74,7 +74,12 @@ def test_train_after_adapt_serves_the_reference_estimator(trained, cohorts, tmp_
     bulk = cohort.copy()
     _quiet(model.get_proportions, bulk)
     assert bulk.uns["hpvade_estimator"] == unadapted
-    assert unadapted == {"estimator": "robust_dampened_wls", "adapted": False, "refine_steps": 30}
+    assert unadapted == {
+        "estimator": "robust_dampened_wls",
+        "adapted": False,
+        "refine_steps": 30,
+        "state_aware": False,
+    }
     np.testing.assert_allclose(model.get_signature().to_numpy(), before, rtol=1e-4, atol=1e-3)
 
 

@@ -59,6 +59,7 @@ class DeconvolutionMixin:
         refine_steps: int = DEFAULT_REFINE_STEPS,
         kind: str = "cell",
         n_draws: int = 0,
+        state_aware: bool = False,
     ) -> pd.DataFrame:
         """Estimate cell-type proportions of bulk samples, optionally with 90 % intervals.
 
@@ -137,6 +138,8 @@ class DeconvolutionMixin:
         bulk = as_bulk_anndata(bulk)
         cpm, found = self._bulk_cpm(bulk, layer, allow_missing=True)
         fit = self._deconvolve(cpm, batch_size, refine_steps, found)
+        if state_aware:
+            fit = self._state_aware_fit(cpm, fit, found)
         mixture = fit.proportions
         proportions, unknown = self._convert_kind(
             mixture, kind, self._unknown_rna(cpm, fit, found)
@@ -145,7 +148,10 @@ class DeconvolutionMixin:
         result = pd.DataFrame(proportions, index=bulk.obs_names.copy(), columns=self.cell_types)
         bulk.obsm[key_added] = result
         bulk.obs[UNKNOWN_FRACTION_KEY] = unknown
-        bulk.uns[ESTIMATOR_KEY] = self._estimator_description(refine_steps)
+        bulk.uns[ESTIMATOR_KEY] = {
+            **self._estimator_description(refine_steps),
+            "state_aware": bool(state_aware),
+        }
         bulk.obs[FIT_SCORE_KEY] = self._score_samples(bulk_reconstruction_error, cpm, mixture)
         self._flag_unexplained(bulk, cpm, mixture)
         if n_draws > 0:
@@ -268,6 +274,19 @@ class DeconvolutionMixin:
             refine_steps,
             **self._fit_genes(found),
         )
+
+    def _state_aware_fit(self, cpm: np.ndarray, fit: ProportionFit, found) -> ProportionFit:
+        """The robust fit with every cell state as a column, started from ``fit`` spread over
+        each type's states; each type's coefficient is the sum of its states'."""
+        states = self.cell_states()
+        start = fit.proportions[:, states.cell_type] * states.frequencies
+        expanded = fit_proportions(
+            cpm, states.profiles, start, DEFAULT_REFINE_STEPS, genes=self._fit_gene_index(found)
+        )
+        by_type = np.zeros((states.cell_type.size, len(self.cell_types)))
+        by_type[np.arange(states.cell_type.size), states.cell_type] = 1.0
+        proportions = expanded.proportions @ by_type
+        return ProportionFit(proportions, expanded.explained, expanded.set_aside)
 
     def _fit_genes(self, found: np.ndarray | None = None) -> dict:
         """``fit_proportions``' gene arguments: the adapted weights (0 where the bulk lacks

@@ -149,8 +149,7 @@ class HPVADE(
         Parameters
         ----------
         max_epochs
-            Epochs over the training cells; ``None`` uses scvi-tools' heuristic
-            (400 below 20,000 cells, fewer above).
+            Epochs; ``None``: :func:`hpvade.train.max_epochs_heuristic` (600 minibatches).
         batch_size
             Cells (and pseudobulks) per minibatch.
         n_pseudobulk
@@ -174,19 +173,19 @@ class HPVADE(
         datasplitter_kwargs
             Passed to :class:`~scvi.dataloaders.DataSplitter`.
         plan_kwargs
-            Passed to :class:`~hpvade.train.HPVADETrainingPlan` (``lr``, ...).
+            Passed to :class:`~hpvade.train.HPVADETrainingPlan` (``lr``: 3e-3 by default, ...).
         **trainer_kwargs
             Passed to :class:`~scvi.train.Trainer` (Lightning), e.g. ``strategy="ddp"``.
             ``gradient_clip_val`` defaults to 5.0; ``enable_progress_bar`` defaults to whether
             output goes to a terminal or a notebook. Lightning's notices are quiet unless
             ``logging.getLogger("hpvade")`` is at DEBUG.
         """
-        if max_epochs is None:
-            max_epochs = max_epochs_heuristic(self.adata.n_obs)
         self._restore_reference_state()
         reset_fitted_state(self, "train")
         rng = np.random.default_rng(settings.seed)
         train_idx, val_idx = stratified_split(self._label_codes(), train_size, rng)
+        if max_epochs is None:
+            max_epochs = max_epochs_heuristic(train_idx.size, batch_size)
         seed = int(rng.integers(2**31))
         pool = (cells_per_pseudobulk, dirichlet_alpha)
         pool_train = self._simulate_pool(train_idx, n_pseudobulk, *pool, seed)

@@ -41,7 +41,8 @@ class HPVADEModule(BaseModuleClass):
     use_vae
         Train the single-cell path (reconstruction, KL, prototype). ``False`` is an ablation.
     learn_signature
-        Let training move S. ``False`` (an ablation) keeps the reference signature.
+        Let training move S. ``False`` (default) keeps the reference signature: a learned S
+        changed no proportion on real bulk (``benchmarks/results/real_ablation.md``).
     """
 
     def __init__(
@@ -60,7 +61,7 @@ class HPVADEModule(BaseModuleClass):
         proportion_weight: float = 100.0,
         use_counts: bool = False,
         use_vae: bool = True,
-        learn_signature: bool = True,
+        learn_signature: bool = False,
     ):
         super().__init__()
         self.n_input = n_input
