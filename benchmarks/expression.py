@@ -48,8 +48,15 @@ N_VARIABLE = 500
 N_EXPRESSED = 1000
 
 
+def pearson(estimate: np.ndarray, truth: np.ndarray) -> float:
+    """Overall Pearson r over all (sample, type) pairs."""
+    return float(np.corrcoef(estimate.ravel(), truth.ravel())[0, 1])
+
+
 def score(estimates: dict[str, np.ndarray], bulks: kd.KangBulks, genes) -> tuple[float, float]:
     """(per-gene r, response r), means over the scored types."""
+    if not estimates:
+        return np.nan, np.nan
     per_gene, response = [], []
     for name in bulks.scored:
         keep = (bulks.fractions[name] * 1000 >= MIN_CELLS_SCORED).to_numpy()
@@ -115,6 +122,11 @@ def run_case(ref, bulks, seed, variants, control_only):
         trained = time.perf_counter() - started
         bulk = ad.AnnData(frame.astype(np.float32))
         mixture = model.get_proportions(bulk.copy(), kind="rna").to_numpy()
+        truth = bulks.rna_fractions[list(model.cell_types)].to_numpy()
+        proportions_r = {variant: pearson(mixture, truth)}
+        if variant == "hpvade":
+            aware = model.get_proportions(bulk.copy(), kind="rna", state_aware=True)
+            proportions_r["state-aware proportions"] = pearson(aware.to_numpy(), truth)
         started = time.perf_counter()
         expression = model.get_cell_type_expression(bulk, cell_types=bulks.scored)
         seconds = time.perf_counter() - started
@@ -126,10 +138,13 @@ def run_case(ref, bulks, seed, variants, control_only):
         if variant == "hpvade":
             methods = baselines(model, ref, bulks, cpm, mixture, genes)
         methods[variant] = estimates
+        if variant == "hpvade":
+            methods["state-aware proportions"] = {}
         for method, est in methods.items():
             per_gene, response = score(est, bulks, genes)
             rows.append(
                 {"method": method, "seed": seed, "per-gene r": per_gene, "response r": response,
+                 "proportions r": proportions_r.get(method, np.nan),
                  "train s": trained if method == variant else np.nan,
                  "expression s": seconds if method == variant else np.nan}
             )  # fmt: skip
@@ -139,18 +154,45 @@ def run_case(ref, bulks, seed, variants, control_only):
 
 
 def summarise(table: pd.DataFrame) -> pd.DataFrame:
+    """min / median / max over seeds of every metric, per case and method."""
+
     def spread(values):
         v = np.sort(values.dropna().to_numpy())
         if v.size == 0:
             return ""
         return f"{v.min():.3f} / {np.median(v):.3f} / {v.max():.3f}"
 
-    order = list(dict.fromkeys(table["method"]))
-    out = table.groupby(["case", "method"], sort=False)[["per-gene r", "response r"]].agg(spread)
-    time_cols = table.groupby(["case", "method"], sort=False)[["train s"]].median().round(0)
-    out = out.join(time_cols)
-    del order
+    metrics = ["per-gene r", "response r", "proportions r"]
+    groups = table.groupby(["case", "method"], sort=False)
+    out = groups[metrics].agg(spread).join(groups[["train s"]].median().round(0))
     return out.reset_index()
+
+
+def gains(table: pd.DataFrame) -> pd.DataFrame:
+    """hpvade's and the ceiling's gain over allocation (same seed, same proportions)."""
+    rows = []
+    for (case, seed), part in table.groupby(["case", "seed"], sort=False):
+        by = part.set_index("method")
+        for method in [m for m in by.index if m not in ("allocation", "reference profile")]:
+            if np.isnan(by.loc[method, "per-gene r"]):
+                continue
+            gain = by.loc[method, ["per-gene r", "response r"]] - by.loc["allocation"]
+            rows.append(
+                {"case": case, "method": method, "seed": seed,
+                 "per-gene r gain": gain["per-gene r"], "response r gain": gain["response r"]}
+            )  # fmt: skip
+    frame = pd.DataFrame(rows)
+    if frame.empty:
+        return frame
+    return summarise_columns(frame, ["per-gene r gain", "response r gain"])
+
+
+def summarise_columns(frame: pd.DataFrame, columns: list[str]) -> pd.DataFrame:
+    def spread(values):
+        v = np.sort(values.to_numpy())
+        return f"{v.min():+.3f} / {np.median(v):+.3f} / {v.max():+.3f}"
+
+    return frame.groupby(["case", "method"], sort=False)[columns].agg(spread).reset_index()
 
 
 def main() -> None:
@@ -187,6 +229,13 @@ def main() -> None:
         "min / median / max over seeds (each seed: its own bulks and model).",
         "",
         summary.to_markdown(index=False),
+        "",
+        "Gain over allocation with the same proportions (min / median / max over seeds; "
+        "allocation is computed from each seed's own model, so only variants trained in "
+        "the same run as their allocation row are compared: the ablation variants' gains "
+        "are against the hpvade row's allocation):",
+        "",
+        gains(table).to_markdown(index=False),
         "",
         "Per seed:",
         "",
