@@ -38,6 +38,7 @@ class KangBulks:
 def load_kang() -> ad.AnnData:
     path = KANG if KANG.exists() else KANG_SHARED
     adata = ad.read_h5ad(path)
+    adata.X = sp.csr_matrix(adata.X, dtype=np.float32)  # the vendored copy stores integers
     detected = np.asarray((adata.X > 0).mean(axis=0)).ravel() >= MIN_DETECTION
     adata = adata[:, detected].copy()
     adata.obs["donor"] = adata.obs["donor"].astype(str)

@@ -38,7 +38,7 @@ import hpvade
 from hpvade.data._pseudobulk import cpm_rows, rna_to_cell_fractions
 
 HERE = Path(__file__).resolve().parent
-DATA = HERE.parents[1] / "shared" / "data" / "real"
+DATA = HERE / "data" / "real"  # vendored copy of the project's shared real data (data/README.md)
 LABELS = "cell_type"
 FINOTELLO_TYPES = ["NK cells", "B cells", "Tregs", "mDC", "Monocytes", "T cells CD8",
                    "T cells CD4 conv"]  # fmt: skip
