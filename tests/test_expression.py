@@ -97,3 +97,24 @@ def test_state_shift_beats_allocation():
         r_estimate = _median_gene_r(estimate, truth[present, k], genes)
         assert r_estimate > r_allocation + 0.1, (k, r_estimate, r_allocation)
         assert r_estimate > 0.8, (k, r_estimate)
+
+
+def test_state_aware_proportions_are_proportions(trained, test_bulk):
+    bulk = test_bulk.copy()
+    default = trained.get_proportions(bulk.copy()).to_numpy()
+    aware = trained.get_proportions(bulk, state_aware=True).to_numpy()
+    assert bulk.uns["hpvade_estimator"]["state_aware"] is True
+    np.testing.assert_allclose(aware.sum(axis=1), 1.0, atol=1e-9)
+    assert np.all(aware >= 0)
+    truth = test_bulk.obsm["proportions"].to_numpy()
+    r_default = np.corrcoef(default.ravel(), truth.ravel())[0, 1]
+    r_aware = np.corrcoef(aware.ravel(), truth.ravel())[0, 1]
+    assert r_aware > r_default - 0.1, (r_aware, r_default)
+
+
+def test_default_epochs_are_a_step_budget():
+    from hpvade.train import max_epochs_heuristic
+
+    assert max_epochs_heuristic(1202) == 64  # 600 minibatches of 128 cells
+    assert max_epochs_heuristic(100_000) == 1
+    assert max_epochs_heuristic(150) == 400  # never more than scvi-tools' default
