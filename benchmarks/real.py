@@ -161,6 +161,9 @@ def cross_dataset_runs(cohorts: dict, seeds: list[int], max_epochs, variants=("h
             results[(variant, name, seed)] = model.get_proportions(bulk.copy())
             if variant != "hpvade":
                 continue
+            results[("hpvade state-aware", name, seed)] = model.get_proportions(
+                bulk.copy(), state_aware=True
+            )
             model.adapt(bulk.copy())
             results[("hpvade + adapt", name, seed)] = model.get_proportions(bulk.copy())
             print(f"{name} seed {seed} done", flush=True)
@@ -240,6 +243,9 @@ def hpvade_runs(ref, bulks, seeds, max_epochs, variants=("hpvade",)):
             results[(variant, name, seed)] = model.get_proportions(served)
             if variant != "hpvade":
                 continue
+            results[("hpvade state-aware", name, seed)] = model.get_proportions(
+                adata.copy(), state_aware=True
+            )
             UNKNOWN[(name, seed)] = served.obs["hpvade_unknown_fraction"]
             if adata.n_obs < 3:  # adapt refuses fewer than 3 samples (Hoek has 2)
                 continue
