@@ -1,7 +1,7 @@
 """Time of a default ``train()`` against reference size (cells × genes), on the CPU.
 
-References: scanpy's pbmc68k (700 cells), the Hao PBMC cells on the genes every bulk of
-``real.py`` has, the Kang 2018 reference of ``expression.py`` (two donors, both conditions),
+References: scanpy's pbmc68k (700 cells), the Hao PBMC cells on the genes the Finotello bulk
+has, the Kang 2018 reference of ``expression.py`` (two donors, both conditions),
 and the synthetic sparse references of ``scale.py`` (10k and 100k cells × 5,000 genes). Each
 is trained once with defaults (``max_epochs=None``); the seconds include the pseudobulk pools
 and the flag's calibration.
@@ -32,9 +32,9 @@ HERE = Path(__file__).resolve().parent
 
 def references(sizes: list[int]):
     yield "pbmc68k_reduced", hpvade.datasets.pbmc68k_reference(), "bulk_labels", None
-    bulks = real.load_bulks(real.DATA)
-    genes = pd.Index(sorted(set.intersection(*(set(b.columns) for b, _ in bulks.values()))))
-    yield "Hao PBMC", real.load_reference(real.DATA, genes), real.LABELS, "counts"
+    finotello, _ = real.load_bulks(real.DATA)["Finotello (4 donors)"]
+    hao = real.load_reference(real.DATA, finotello.columns)
+    yield "Hao PBMC (genes shared with Finotello)", hao, real.LABELS, "counts"
     kang = kang_data.reference(kang_data.load_kang())
     yield "Kang 2018 (2 donors)", kang, kang_data.LABELS, "counts"
     for n in sizes:
