@@ -16,12 +16,15 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from scipy.cluster.vq import kmeans2
+from scipy.cluster.vq import kmeans, vq
 
 from hpvade._constants import CPM_SCALE
 
 #: States per cell type (k-means clusters in the latent space).
 STATES_PER_TYPE = 2
+#: k-means restarts; the split with the lowest distortion is kept (one start can split a type
+#: along a minor axis).
+KMEANS_RESTARTS = 10
 #: Fewest reference cells a state must have; smaller types keep one state.
 MIN_CELLS_PER_STATE = 10
 #: CPM added before taking logs in the state fit.
@@ -63,8 +66,10 @@ def cluster_states(
         cells = np.flatnonzero(codes == t)
         n_states = min(STATES_PER_TYPE, max(1, cells.size // MIN_CELLS_PER_STATE))
         if n_states > 1:
-            _, labels = kmeans2(latent[cells].astype(np.float64), n_states, seed=seed, minit="++")
-            # k-means can leave a cluster empty: renumber the ones used
+            points = latent[cells].astype(np.float64)
+            centres, _ = kmeans(points, n_states, iter=KMEANS_RESTARTS, seed=seed)
+            labels = vq(points, centres)[0]
+            # a centre can be left without cells: renumber the ones used
             labels = np.unique(labels, return_inverse=True)[1]
             n_states = labels.max() + 1
         else:
