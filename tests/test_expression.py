@@ -6,6 +6,8 @@ import pandas as pd
 import pytest
 import scipy.sparse as sp
 
+import hpvade
+
 from .conftest import train_briefly
 
 
@@ -118,3 +120,13 @@ def test_default_epochs_are_a_step_budget():
     assert max_epochs_heuristic(1202) == 64  # 600 minibatches of 128 cells
     assert max_epochs_heuristic(100_000) == 1
     assert max_epochs_heuristic(150) == 400  # never more than scvi-tools' default
+
+
+def test_cell_states_travel_with_a_saved_model(trained, test_bulk, tmp_path):
+    states = trained.cell_states()
+    trained.save(tmp_path / "model", overwrite=True)
+    loaded = hpvade.HPVADE.load(tmp_path / "model", adata=trained.adata)
+    np.testing.assert_array_equal(loaded.cell_states_.profiles, states.profiles)
+    first = trained.get_scale_for_ct(test_bulk, trained.cell_types[0])
+    again = loaded.get_scale_for_ct(test_bulk, trained.cell_types[0])
+    np.testing.assert_allclose(again.to_numpy(), first.to_numpy(), rtol=1e-5, atol=1e-3)
