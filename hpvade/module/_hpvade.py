@@ -35,7 +35,10 @@ class HPVADEModule(BaseModuleClass):
     signature_pseudocount
         CPM added to S before taking logs, so genes unseen in a small type can still grow.
     prototype_weight, bulk_weight, proportion_weight
-        Weights of the prototype, bulk-reconstruction and proportion loss terms.
+        Weights of the prototype, bulk-reconstruction and proportion loss terms. The first two
+        are 0 by default: with S kept at the reference signature they changed no proportion
+        and no cell-type expression (``benchmarks/results/expression.md``, ``real_ablation.md``);
+        both terms are still computed and logged.
     use_counts
         Reconstruct the registered raw-count layer instead of ``expm1(X)``.
     use_vae
@@ -56,8 +59,8 @@ class HPVADEModule(BaseModuleClass):
         dropout_rate: float = 0.1,
         n_layers_deconv: int = 2,
         signature_pseudocount: float = 0.5,
-        prototype_weight: float = 1.0,
-        bulk_weight: float = 1.0,
+        prototype_weight: float = 0.0,
+        bulk_weight: float = 0.0,
         proportion_weight: float = 100.0,
         use_counts: bool = False,
         use_vae: bool = True,
