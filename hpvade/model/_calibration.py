@@ -205,12 +205,7 @@ class CalibrationMixin:
         self._require_reference("Signature draws")
         codes = self._label_codes()
         n_types = self.summary_stats.n_labels
-        members = []
-        for t in range(n_types):
-            cells = np.flatnonzero(codes == t)
-            if cells.size > MAX_CELLS_PER_TYPE_FOR_DRAWS:
-                cells = np.sort(rng.choice(cells, MAX_CELLS_PER_TYPE_FOR_DRAWS, replace=False))
-            members.append(cells)
+        members = self._cells_by_type(MAX_CELLS_PER_TYPE_FOR_DRAWS, rng)
         subset = np.concatenate(members)
         sub_codes = codes[subset]
         starts = np.concatenate([[0], np.cumsum([m.size for m in members])[:-1]])

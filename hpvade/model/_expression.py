@@ -122,12 +122,7 @@ class ExpressionMixin:
         rng = np.random.default_rng(settings.seed or 0)
         codes = self._label_codes()
         n_types = len(self.cell_types)
-        members = []
-        for t in range(n_types):
-            cells = np.flatnonzero(codes == t)
-            if cells.size > MAX_CELLS_PER_TYPE_FOR_STATES:
-                cells = np.sort(rng.choice(cells, MAX_CELLS_PER_TYPE_FOR_STATES, replace=False))
-            members.append(cells)
+        members = self._cells_by_type(MAX_CELLS_PER_TYPE_FOR_STATES, rng)
         subset = np.concatenate(members)
         sub_codes = codes[subset]
         self.module.eval()

@@ -77,6 +77,18 @@ class ReferenceMixin:
             mask = np.asarray(self.var_names.isin(self.selected_genes_))
         return np.flatnonzero(mask if found is None else mask & found)
 
+    def _cells_by_type(self, max_per_type: int, rng: np.random.Generator) -> list[np.ndarray]:
+        """Each type's reference cells (sorted indices), a random subset above
+        ``max_per_type``."""
+        codes = self._label_codes()
+        members = []
+        for t in range(self.summary_stats.n_labels):
+            cells = np.flatnonzero(codes == t)
+            if cells.size > max_per_type:
+                cells = np.sort(rng.choice(cells, max_per_type, replace=False))
+            members.append(cells)
+        return members
+
     def _require_reference(self, what: str) -> None:
         if self.adata is None:
             raise RuntimeError(
