@@ -193,7 +193,7 @@ def test_first_contact_texts():
     readme = root.joinpath("README.md").read_text()
     quickstart = re.search(r"## Quickstart\n\n```python\n(.*?)```", readme, re.S).group(1)
     assert "pd.read_csv" in quickstart and "ad.AnnData(table)" in quickstart
-    assert "400 epochs below 20,000 reference cells" in readme
+    assert "A default `train()` takes 600 minibatches" in readme
     doc = inspect.getdoc(hpvade.HPVADE.train)
     assert "enable_progress_bar" in doc and '"mps, "auto"' not in doc
     changelog = root.joinpath("CHANGELOG.md").read_text()
