@@ -205,3 +205,20 @@ def test_first_contact_texts():
     per_type = pd.DataFrame({"NNLS": [0.9, np.nan]}, index=["B", "naive CD4"])
     (note,) = demo.undefined_r_notes(per_type)
     assert "NNLS: r is undefined for naive CD4" in note and "same fraction" in note
+
+
+def test_readme_accuracy_figures_come_from_the_results_files():
+    """Every figure the README's Accuracy section quotes is in a results file the section cites
+    (each names the commit that produced it)."""
+    import re
+
+    root = Path(hpvade.__file__).parents[1]
+    readme = root.joinpath("README.md").read_text()
+    section = readme.split("\n## Accuracy\n", 1)[1].split("\n## ", 1)[0]
+    cited = set(re.findall(r"benchmarks/results/([\w.]+\.md)", section))
+    results = "".join((root / "benchmarks" / "results" / name).read_text() for name in cited)
+    figures = re.findall(r"(?<![\d.])0\.\d{2,3}(?!\d)", section)
+    assert len(figures) >= 10, figures
+    assert all(len(f) == 5 for f in figures), "quote figures as the results files do (0.xxx)"
+    missing = [f for f in figures if not re.search(rf"(?<![\d.]){re.escape(f)}(?!\d)", results)]
+    assert not missing, f"README figures with no source in benchmarks/results: {missing}"
