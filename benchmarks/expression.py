@@ -89,9 +89,8 @@ def baselines(model, ref, bulks, cpm, mixture, genes) -> dict[str, dict[str, np.
         "reference profile": {t: np.tile(signature[t].to_numpy(), (len(cpm), 1)) for t in types}
     }
     columns = [signature[t].to_numpy() for t in types]
-    out["allocation"] = {
-        t: allocate(cpm, mixture, columns, k) for k, t in enumerate(types) if t in bulks.scored
-    }
+    scored = [types.index(t) for t in bulks.scored]
+    out["allocation"] = {types[k]: e for k, e in allocate(cpm, mixture, columns, scored).items()}
     if (ref.obs["condition"] == "stim").any():
         condition = kd.reference_condition_profiles(ref)
         share = bulks.stim_share[types].to_numpy()
@@ -102,9 +101,7 @@ def baselines(model, ref, bulks, cpm, mixture, genes) -> dict[str, dict[str, np.
             for k in range(len(types))
         ]
         out["ceiling (true u_k)"] = {
-            t: allocate(cpm, mixture, profiles, k)
-            for k, t in enumerate(types)
-            if t in bulks.scored
+            types[k]: e for k, e in allocate(cpm, mixture, profiles, scored).items()
         }
     return out
 

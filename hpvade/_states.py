@@ -19,6 +19,7 @@ import torch
 from scipy.cluster.vq import kmeans, vq
 
 from hpvade._constants import CPM_SCALE
+from hpvade.data._labels import indicator_matrix
 
 #: States per cell type (k-means clusters in the latent space).
 STATES_PER_TYPE = 2
@@ -99,14 +100,12 @@ def state_profiles(
     signature
         The reference signature S (genes × types, CPM).
     """
-    n_types = signature.shape[1]
-    indicator = np.zeros((state_type.size, n_types))
-    indicator[np.arange(state_type.size), state_type] = 1.0
+    by_type = indicator_matrix(state_type, signature.shape[1])  # types × states
     # each state relative to its type, from both sources, applied to the type's column of S
     relative = []
     for source in (aggregated, decoded):
         source = np.asarray(source, dtype=np.float64)
-        per_type = indicator.T @ source
+        per_type = by_type @ source
         shares = source / np.maximum(source.sum(axis=1, keepdims=True), 1e-300)
         type_shares = per_type / np.maximum(per_type.sum(axis=1, keepdims=True), 1e-300)
         relative.append(shares / np.maximum(type_shares[state_type], 1e-300))
@@ -114,7 +113,7 @@ def state_profiles(
     profiles = signature[:, state_type] * fold.T
     profiles *= CPM_SCALE / np.maximum(profiles.sum(axis=0, keepdims=True), 1e-300)
     rna = aggregated.sum(axis=1)
-    frequencies = rna / np.maximum((indicator @ (indicator.T @ rna)), 1e-300)
+    frequencies = rna / np.maximum((by_type @ rna)[state_type], 1e-300)
     return CellStates(profiles, state_type.astype(np.int64), frequencies)
 
 
@@ -179,9 +178,10 @@ def allocate(
     bulk_cpm: np.ndarray,
     proportions: np.ndarray,
     profiles: list[np.ndarray],
-    cell_type: int,
-) -> np.ndarray:
-    """One type's share of each gene's bulk expression, scaled to CPM (samples × genes).
+    cell_types: list[int],
+) -> dict[int, np.ndarray]:
+    """Each of ``cell_types``' share of each gene's bulk expression, scaled to CPM
+    (``{type index: samples × genes}``).
 
     ``profiles``: every type's state-aware profile (a samples × genes array per type, or a
     gene vector shared by all samples). Gene g of sample i goes to type k in proportion to
@@ -190,7 +190,12 @@ def allocate(
     total = np.zeros_like(bulk_cpm, dtype=np.float64)
     for k, profile in enumerate(profiles):
         total += proportions[:, k, None] * profile
-    own = proportions[:, cell_type, None] * profiles[cell_type]
-    expression = bulk_cpm * np.divide(own, total, out=np.zeros_like(total), where=total > 0)
-    sums = expression.sum(axis=1, keepdims=True)
-    return np.divide(expression * CPM_SCALE, sums, out=np.zeros_like(expression), where=sums > 0)
+    shares = {}
+    for k in cell_types:
+        own = proportions[:, k, None] * profiles[k]
+        expression = bulk_cpm * np.divide(own, total, out=np.zeros_like(total), where=total > 0)
+        sums = expression.sum(axis=1, keepdims=True)
+        shares[k] = np.divide(
+            expression * CPM_SCALE, sums, out=np.zeros_like(expression), where=sums > 0
+        )
+    return shares

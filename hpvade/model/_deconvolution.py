@@ -31,6 +31,7 @@ from hpvade._solvers import (
     unexplained_share,
 )
 from hpvade.data._bulk import as_bulk_anndata, bulk_to_cpm, gene_report
+from hpvade.data._labels import indicator_matrix
 from hpvade.data._pseudobulk import rna_to_cell_fractions, with_unknown_content
 from hpvade.module import bulk_reconstruction_error, unexplained_expression
 
@@ -283,9 +284,8 @@ class DeconvolutionMixin:
         expanded = fit_proportions(
             cpm, states.profiles, start, DEFAULT_REFINE_STEPS, genes=self._fit_gene_index(found)
         )
-        by_type = np.zeros((states.cell_type.size, len(self.cell_types)))
-        by_type[np.arange(states.cell_type.size), states.cell_type] = 1.0
-        proportions = expanded.proportions @ by_type
+        by_type = indicator_matrix(states.cell_type, len(self.cell_types))  # types × states
+        proportions = (by_type @ expanded.proportions.T).T
         return ProportionFit(proportions, expanded.explained, expanded.set_aside)
 
     def _fit_genes(self, found: np.ndarray | None = None) -> dict:

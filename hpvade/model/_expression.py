@@ -102,10 +102,11 @@ class ExpressionMixin:
         weights = fit_state_weights(cpm, mixture, states)
         profiles = [sample_profiles(weights, states, k) for k in range(len(self.cell_types))]
         index, columns = bulk.obs_names.copy(), self.var_names[genes]
-        result = {}
-        for name in wanted:
-            k = int(self.cell_types.get_loc(name))
-            result[name] = pd.DataFrame(allocate(cpm, mixture, profiles, k), index, columns)
+        shares = allocate(cpm, mixture, profiles, [self.cell_types.get_loc(n) for n in wanted])
+        result = {
+            name: pd.DataFrame(shares[self.cell_types.get_loc(name)], index, columns)
+            for name in wanted
+        }
         logger.info("Cell-type expression of %d samples, %d types.", bulk.n_obs, len(wanted))
         return result
 
@@ -127,15 +128,15 @@ class ExpressionMixin:
         sub_codes = codes[subset]
         self.module.eval()
         loader = self._make_data_loader(adata=self.adata, indices=subset, batch_size=1024)
-        latent, decoded = [], []
+        latent, library = [], []
         for tensors in loader:
             inference = self.module.inference(**self.module._get_inference_input(tensors))
-            z = inference["qz"].loc
-            scale = self.module.generative(z, inference["library"])["px_scale"]
-            latent.append(z.cpu().numpy())
-            decoded.append(scale.double().cpu().numpy())
-        latent, decoded = np.concatenate(latent), np.concatenate(decoded)
-        state_of_cell = cluster_states(latent, sub_codes, n_types, seed=int(rng.integers(2**31)))
+            latent.append(inference["qz"].loc)
+            library.append(inference["library"])
+        latent, library = torch.cat(latent), torch.cat(library)
+        state_of_cell = cluster_states(
+            latent.cpu().numpy(), sub_codes, n_types, seed=int(rng.integers(2**31))
+        )
         n_states = int(state_of_cell.max()) + 1
         state_type = np.zeros(n_states, dtype=np.int64)
         state_type[state_of_cell] = sub_codes
@@ -143,10 +144,20 @@ class ExpressionMixin:
             (np.ones(subset.size), (state_of_cell, subset)), shape=(n_states, codes.size)
         )
         aggregated = mix_cells(self.adata, indicator, *self._linear_source())
-        totals = self._cell_totals()[subset]
-        by_state = sp.csr_matrix(
-            (totals, (state_of_cell, np.arange(subset.size))), shape=(n_states, subset.size)
-        )
-        decoded_sum = by_state @ decoded  # RNA-weighted, as the aggregate is
+        decoded_sum = self._decoded_by_state(latent, library, state_of_cell, subset, n_states)
         logger.info("Cell states: %d over %d types.", n_states, n_types)
         return state_profiles(aggregated, decoded_sum, state_type, self.reference_signature_)
+
+    def _decoded_by_state(self, latent, library, state_of_cell, subset, n_states) -> np.ndarray:
+        """Each state's sum of its cells' decoded profiles, weighted by each cell's RNA (as the
+        aggregate is); decoded a batch at a time, so no cells × genes array is held."""
+        weights = torch.as_tensor(self._cell_totals()[subset], device=latent.device)
+        index = torch.as_tensor(state_of_cell, device=latent.device)
+        total = torch.zeros(
+            n_states, self.module.n_input, dtype=torch.float64, device=latent.device
+        )
+        for start in range(0, subset.size, 1024):
+            rows = slice(start, start + 1024)
+            scale = self.module.generative(latent[rows], library[rows])["px_scale"].double()
+            total.index_add_(0, index[rows], scale * weights[rows, None])
+        return total.cpu().numpy()
