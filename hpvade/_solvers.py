@@ -155,13 +155,8 @@ def robust_dampened_fit(
     constrained to sum to 1: their sum is the share of the sample's expression that the
     known types explain.
 
-    Measured on real PBMC bulk RNA-seq against flow cytometry (``benchmarks/real.py``, Wilcoxon
-    markers of the Hao reference, its signature): Finotello r 0.81 with the capped weights
-    alone, 0.94 with the biweight (cut-off 2.5-3 and cap 16-64 all within 0.01 of it); Hoek
-    0.999 either way. The measured power against a fixed 2 (same signatures): Finotello
-    0.934 vs 0.939, pbmc68k -> Hao 0.897 vs 0.842, Hao -> pbmc68k 0.705 vs 0.734, louvain
-    clusters as labels 0.885 vs 0.851 (NNLS 0.894), a reference lacking monocytes 0.609 vs
-    0.536 or dendritic cells 0.614 vs 0.640 (``benchmarks/robustness.py`` scenarios).
+    The choices (biweight, cap, measured power) were measured on real PBMC bulk against flow
+    cytometry and on pseudobulk scenarios (``benchmarks/real.py``, ``benchmarks/robustness.py``).
 
     Parameters
     ----------
@@ -281,17 +276,10 @@ def unexplained_share(
     together, while a steady gene-wise error (a protocol effect, a marker the learned S gets
     wrong by a constant factor) does not follow them. A single sample counts its own genes.
 
-    Measured against a missing type's share (Spearman, 300 held-out pseudobulks). pbmc68k
-    cells, three trained models: without CD14+ monocytes 0.974-0.976, without dendritic cells
-    0.988-0.990; each sample's own genes gave 0.80-0.83 and 0.80-0.81, the cohort's genes
-    without the filter 0.64-0.97 (three mis-fitted markers in one model). Hao cells, the
-    reference cells' signature, measured after choosing on pbmc68k: without monocytes / mDC / pDC /
-    platelets / ILC / NK / plasma / B cells 0.90 / 0.94 / 0.93 / 0.80 / 0.59 / 0.63 / 0.98 /
-    0.08 (each sample's own genes: 0.58 / 0.83 / 0.70 / 0.59 / 0.48 / 0.59 / 0.97 / 0.35);
-    without the filter 0.84 / 0.93 / 0.82 / 0.76 / 0.66 / 0.60 / 0.98 / 0.28; without one T
-    cell type about 0 in every reading (the other T cells explain it). One minus the
-    fit's coefficient sum (EPIC's and Rectangle's reading) gave 0.12 and 0.76 on pbmc68k: a
-    similar known type absorbs the missing one and the sum stays at 1.
+    It ranks samples by a missing type's share but reads far below it: the missing cells also
+    express genes the known types explain (``benchmarks/results/unknown.md``). One minus the
+    fit's coefficient sum (EPIC's and Rectangle's reading) fails where a similar known type
+    absorbs the missing one.
     """
     short = np.empty(bulk.shape, dtype=bool)
     # the log ratios are per-sample statistics: in chunks of samples, to bound the memory

@@ -138,6 +138,28 @@ def test_import_rule():
             assert not mixins, f"{name} imports other model files: {mixins}"
 
 
+def test_library_text_quotes_no_benchmark_figure():
+    """Docstrings, comments and messages say what the code does and why; figures live in
+    benchmarks/results and history in the CHANGELOG."""
+    import re
+
+    patterns = [
+        r"\br (?:= |of )?0\.\d",  # a correlation
+        r"\bAUC \d",
+        r"\b0\.\d+ ?(?:/|->|→) ?0\.\d+",  # a series or a before -> after of figures
+        r"\bbefore 0\.\d",  # release history
+        r"\bthe old (?:start|fit|default)\b",
+    ]
+    package = Path(hpvade.__file__).parent
+    found = [
+        f"{path.relative_to(package)}:{number}: {line.strip()}"
+        for path in package.rglob("*.py")
+        for number, line in enumerate(path.read_text().splitlines(), 1)
+        if any(re.search(pattern, line) for pattern in patterns)
+    ]
+    assert not found, "\n".join(found)
+
+
 def test_packaging_metadata_declares_what_the_package_uses():
     """License file, classifiers, URLs, authors; every third-party import is a dependency."""
     import ast

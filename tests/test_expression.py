@@ -130,3 +130,14 @@ def test_cell_states_travel_with_a_saved_model(trained, test_bulk, tmp_path):
     first = trained.get_scale_for_ct(test_bulk, trained.cell_types[0])
     again = loaded.get_scale_for_ct(test_bulk, trained.cell_types[0])
     np.testing.assert_allclose(again.to_numpy(), first.to_numpy(), rtol=1e-5, atol=1e-3)
+
+
+def test_cell_states_need_the_vae(pbmc_split, test_bulk):
+    ref = pbmc_split[0].copy()
+    hpvade.HPVADE.setup_anndata(ref, labels_key="bulk_labels")
+    model = hpvade.HPVADE(ref, use_vae=False)
+    model.train(max_epochs=1, enable_progress_bar=False)
+    with pytest.raises(ValueError, match="use_vae=False"):
+        model.get_cell_type_expression(test_bulk.copy())
+    with pytest.raises(ValueError, match="use_vae=False"):
+        model.get_proportions(test_bulk.copy(), state_aware=True)

@@ -10,9 +10,8 @@ from anndata import AnnData
 
 logger = logging.getLogger(__name__)
 
-#: Markers kept per type, and the smallest log2 fold change a marker needs. Measured on real
-#: PBMC bulk against flow cytometry (Finotello, robust fit): 25 / 50 / 100 / 200 markers a type
-#: give r 0.86 / 0.94 / 0.93 / 0.93; fold change 0.5 / 1 / 2 at 50 a type: 0.69 / 0.94 / 0.89.
+#: Markers kept per type, and the smallest log2 fold change a marker needs (chosen on real
+#: PBMC bulk against flow cytometry, ``benchmarks/real.py``).
 DEFAULT_MARKERS_PER_TYPE = 50
 MIN_LOG_FOLD_CHANGE = 1.0
 #: Cells of each type that the test ranks (a random subset above this): the ranking is

@@ -180,11 +180,11 @@ def simulate_pseudobulk(
     labels_key
         Column of ``adata.obs`` with cell-type labels.
     n_pseudobulk
-        Number of pseudobulk samples (``n_samples`` before 0.2).
+        Number of pseudobulk samples.
     cells_per_pseudobulk
-        Cells summed into each sample (``cells_per_sample`` before 0.2).
+        Cells summed into each sample.
     dirichlet_alpha
-        Dirichlet concentration; below 1 gives sparse mixtures (``alpha`` before 0.2).
+        Dirichlet concentration; below 1 gives sparse mixtures.
     layer
         Layer with log1p-normalised values; ``None`` uses ``adata.X``.
     seed

@@ -80,24 +80,13 @@ class AdaptationMixin:
             Layer of ``bulk`` with the values; ``None`` uses ``bulk.X``.
         n_rounds
             Alternating rounds; fewer stop earlier (rounds also end once S stops changing).
-            The default, 30, is an early stop measured on held-out cohorts: converged S
-            over-fits small cohorts (three 12-sample PBMC cohorts: overall r 0.92 / 0.85 /
-            0.84 at 30 rounds, 0.91 / 0.80 / 0.74 converged; 50 samples × 10 types: 0.901 /
-            0.890 / 0.886 at 30 / 50 / 100), and on 300 samples more rounds help one cohort
-            and hurt others (cross-dataset Hao → pbmc68k 0.911 / 0.932 / 0.948 at 30 / 100 /
-            300, pbmc68k → Hao 0.937 / 0.924 / 0.914, a reference lacking monocytes 0.815 /
-            0.794 / 0.792).
+            The default is an early stop: a converged S over-fits small cohorts (see
+            ``benchmarks/results/`` and docs/model.md).
         prior_strength
             Strength of the pull towards the single-cell signature for a type with the mean
             number of reference cells (in units of samples' worth of evidence). Below 40
-            samples it is scaled by ``n_samples / 40``: measured on 12-sample PBMC cohorts
-            (five draws), the full strength held the poorly sampled T-cell profiles back (mean
-            r 0.69) where the scaled one let the bulks correct them (mean r 0.83). 0.5 against
-            1 (same models, started from the robust fit): 12 samples r 0.897 -> 0.941, 300
-            clean 0.972 -> 0.976, cross-dataset 0.930 -> 0.934 and 0.946 -> 0.948, references
-            lacking a type 0.815 -> 0.820 and 0.900 -> 0.910; the one loss, per-sample
-            variation σ 0.4 on 40 samples: median over three seeds 0.855 -> 0.852, worst seed
-            0.853 -> 0.789 (0.25 lost more elsewhere).
+            samples it is scaled by ``n_samples / 40``, so that a small cohort can still
+            correct poorly sampled profiles.
         validation_fraction
             Share of samples held out to check that adapting helps (none below 6 samples).
         tolerance
@@ -138,10 +127,8 @@ class AdaptationMixin:
             return self._decline_adaptation(
                 f"adapt needs more bulk samples than cell types to re-estimate S ({n_types} "
                 f"types, {cpm.shape[0]} samples): each gene's profile is a regression on the "
-                "samples' proportions, which fewer samples cannot identify (measured on real "
-                "PBMC bulk, 8 samples and 11 types: adapting lowered r from 0.38-0.46 to "
-                "0.22-0.23). The model serves the reference-trained estimator; adapt on a "
-                "larger cohort."
+                "samples' proportions, which fewer samples cannot identify. The model serves "
+                "the reference-trained estimator; adapt on a larger cohort."
             )
         self._restore_reference_state()
         reset_fitted_state(self, "adapt")
@@ -180,10 +167,8 @@ class AdaptationMixin:
         """The signature adapt starts from and is pulled towards: the one built from the
         reference cells (the learned S for a model saved before it was kept).
 
-        Not the S learned on the single-cell path: measured on the cross-dataset scenario (Hao
-        cells, 300 pbmc68k pseudobulks), adapting from the S of a 30-epoch training (log
-        correlation 0.9996 with the reference signature) gave r 0.60, from a 3-epoch one 0.91,
-        and from the reference signature 0.91 after either.
+        Not the S learned on the single-cell path: adapting from a learned S was measured to
+        be worse on the cross-dataset scenario of ``benchmarks/real.py``.
         """
         if self.reference_signature_ is not None:
             return np.asarray(self.reference_signature_, dtype=float)
@@ -211,9 +196,8 @@ class AdaptationMixin:
         counts = np.asarray(self.type_cell_counts_, dtype=float)
         cohort = min(1.0, cpm.shape[0] / SMALL_COHORT)
         strength = options.pop("prior_strength") * cohort * counts / counts.mean()
-        # started from the served fit on the prior: measured against 200 Adam steps on the
-        # Anscombe loss (the old start), cross-dataset r 0.911 -> 0.930 (Hao -> pbmc68k) and
-        # 0.938 -> 0.946 (back), everything else in benchmarks/ within 0.004 or better
+        # started from the served fit on the prior (better than a gradient-descent start on
+        # the cross-dataset scenario of benchmarks/real.py)
         initial = fit_proportions(
             cpm, prior, network_proportions, DEFAULT_REFINE_STEPS, genes=self._fit_gene_index()
         ).proportions

@@ -41,6 +41,10 @@ logger = logging.getLogger(__name__)
 DEFAULT_BATCH_SIZE = 1024
 #: A bulk may lack this share of the selected genes before a warning (the fit uses the rest).
 MISSING_SELECTED_WARN = 0.1
+#: get_proportions warns when more than this share of the samples is flagged unexplained: the
+#: flag also marks a few per cent of samples the reference does explain
+#: (``benchmarks/results/unknown.md``), which alone is no reason to alarm.
+UNEXPLAINED_WARN_SHARE = 0.1
 #: Fewest selected genes a bulk must have, per cell type, to be deconvolved.
 MIN_FIT_GENES_PER_TYPE = 3
 #: A gene the robust fit set aside in at least this share of samples is named in the report.
@@ -102,7 +106,7 @@ class DeconvolutionMixin:
             composition (see :meth:`calibrate_uncertainty`; it runs on the first call with
             draws after ``train`` or ``adapt``, once) it gives the 90 % interval
             ``obsm[key_added + "_lower"]`` / ``obsm[key_added + "_upper"]`` around the
-            estimate. 20 draws are a good default. (Called ``n_samples`` before 0.2.)
+            estimate. 20 draws are a good default.
 
         Returns
         -------
@@ -327,13 +331,16 @@ class DeconvolutionMixin:
             return
         flagged = score > self.unexplained_threshold_
         bulk.obs[UNEXPLAINED_KEY] = flagged
-        if flagged.any():
+        if flagged.mean() > UNEXPLAINED_WARN_SHARE:
             warnings.warn(
-                f"{int(flagged.sum())} of {flagged.size} bulk samples are not explained by the "
-                f"reference (unexplained expression above {self.unexplained_threshold_:.3g}; "
-                f'see bulk.obs["{UNEXPLAINED_KEY}"]). Likely causes: a cell type missing from '
-                "the reference, a strong batch or platform effect between the reference and "
-                "the bulk (try `model.adapt(bulk)`), or values on the wrong scale.",
+                f"{int(flagged.sum())} of {flagged.size} bulk samples ({flagged.mean():.0%}) are "
+                "not explained by the reference (unexplained expression above "
+                f'{self.unexplained_threshold_:.3g}; see bulk.obs["{UNEXPLAINED_KEY}"]): more '
+                "than the few per cent of samples the reference explains that the flag marks "
+                "too. Likely causes: "
+                "a cell type missing from the reference, a strong batch or platform effect "
+                "between the reference and the bulk (try `model.adapt(bulk)`), or values on the "
+                "wrong scale.",
                 UserWarning,
                 # past this helper, get_proportions and its keyword wrapper: the user's line
                 stacklevel=settings.warnings_stacklevel + 2,

@@ -115,6 +115,13 @@ class ExpressionMixin:
         if self.cell_states_ is None:
             self._check_if_trained(warn=False, message=self._not_trained_message)
             self._require_reference("Cell states")
+            if not self.module.use_vae:
+                raise ValueError(
+                    "Cell states are clusters in the VAE's latent space, and this model was "
+                    "built with `use_vae=False` (its VAE is untrained). Build it with the "
+                    "default `use_vae=True` and train it to get cell-type expression or "
+                    "state-aware proportions."
+                )
             self.cell_states_ = self._compute_cell_states()
         return self.cell_states_
 

@@ -59,7 +59,7 @@ def unexplained_expression(
 
     Expression the reconstruction ``p @ S.T`` falls short of: a cell type missing from the
     reference leaves its marker genes above any mixture of the known types, while noise
-    scatters residuals both ways. On the PBMC split this separates samples with >= 20 % of a
-    missing type from complete ones better than the two-sided fit score (AUC 0.995 vs 0.988).
+    scatters residuals both ways, so it separates samples lacking a type from complete ones
+    better than the two-sided fit score.
     """
     return _anscombe_residual_score(bulk_cpm, proportions, signature, positive_only=True)
