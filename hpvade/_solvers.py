@@ -14,6 +14,8 @@ from typing import NamedTuple
 import numpy as np
 from scipy.stats import rankdata
 
+from hpvade._constants import CPM_SCALE
+
 #: Re-weighting rounds of the served fit (``refine_steps`` of ``get_proportions``).
 DEFAULT_REFINE_STEPS = 30
 #: A sample's rounds stop once its coefficients change by less than this (relative L1).
@@ -291,7 +293,7 @@ def unexplained_share(
     excess = np.clip(bulk[:, genes] - fitted[:, genes], 0.0, None)
     if excess.shape[0] >= UNEXPLAINED_MIN_COHORT and genes.size > 2:
         excess = excess[:, _follows_the_others(excess) > min_correlation]
-    return excess.sum(axis=1) / 1e6
+    return excess.sum(axis=1) / CPM_SCALE
 
 
 def _follows_the_others(excess: np.ndarray) -> np.ndarray:

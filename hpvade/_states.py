@@ -20,6 +20,7 @@ from scipy.cluster.vq import kmeans, vq
 
 from hpvade._constants import CPM_SCALE
 from hpvade.data._labels import indicator_matrix
+from hpvade.data._signature import scale_columns_to_cpm
 
 #: States per cell type (k-means clusters in the latent space).
 STATES_PER_TYPE = 2
@@ -110,8 +111,7 @@ def state_profiles(
         type_shares = per_type / np.maximum(per_type.sum(axis=1, keepdims=True), 1e-300)
         relative.append(shares / np.maximum(type_shares[state_type], 1e-300))
     fold = np.sqrt(relative[0] * relative[1])
-    profiles = signature[:, state_type] * fold.T
-    profiles *= CPM_SCALE / np.maximum(profiles.sum(axis=0, keepdims=True), 1e-300)
+    profiles = scale_columns_to_cpm(signature[:, state_type] * fold.T)
     rna = aggregated.sum(axis=1)
     frequencies = rna / np.maximum((by_type @ rna)[state_type], 1e-300)
     return CellStates(profiles, state_type.astype(np.int64), frequencies)

@@ -11,7 +11,7 @@ from hpvade._solvers import _rows_sum_to_one
 from hpvade.data._genes import wilcoxon_markers
 from hpvade.data._labels import get_label_codes
 from hpvade.data._pseudobulk import cell_totals, cpm_rows, mean_per_type, rna_to_cell_fractions
-from hpvade.data._signature import build_signature
+from hpvade.data._signature import build_signature, scale_columns_to_cpm
 
 __all__ = [
     "adaptive_nnls_proportions",
@@ -170,7 +170,7 @@ def marker_recipe_proportions(
     markers = marker_genes_wilcoxon(reference, labels_key, n_genes)
     markers = markers[markers.isin(bulk.columns)]
     signature = build_signature(reference, labels_key, counts_layer=counts_layer).loc[markers]
-    signature = signature / signature.sum(axis=0) * 1e6
+    signature = scale_columns_to_cpm(signature)
     values = cpm_rows(bulk[markers].to_numpy(dtype=float), inplace=True)
     proportions = dampened_nnls_proportions(values, signature.to_numpy())
     if counts_layer is not None:

@@ -19,7 +19,6 @@ from hpvade._constants import LOSS_TERMS, PROPORTIONS_KEY
 __all__ = ["predicted_vs_true", "proportions", "signature_heatmap", "training_history"]
 
 #: Scale-check entries recorded on the first training batch (see ``HPVADE.scale_check_``).
-SCALE_CHECK_KEYS = ("scale_bulk", "scale_signature", "scale_reconstruction", "scale_ratio")
 
 
 def _finish(ax, show: bool | None, save: str | None):

@@ -62,7 +62,17 @@ def get_label_codes(adata: AnnData, labels_key: str) -> tuple[np.ndarray, pd.Ind
     )
 
 
-def indicator_matrix(codes: np.ndarray, n_types: int) -> sp.csr_matrix:
-    """Sparse (types × cells) 0/1 matrix: row ``t`` selects the cells of type ``t``."""
-    n_cells = codes.shape[0]
-    return sp.csr_matrix((np.ones(n_cells), (codes, np.arange(n_cells))), shape=(n_types, n_cells))
+def indicator_matrix(
+    codes: np.ndarray,
+    n_types: int,
+    cells: np.ndarray | None = None,
+    n_cells: int | None = None,
+) -> sp.csr_matrix:
+    """Sparse (types × cells) 0/1 matrix: row ``t`` selects the cells of type ``t``.
+
+    ``codes[i]`` is the type of cell ``cells[i]`` (``cells``: ``None`` for all cells in order)
+    among ``n_cells`` columns (default: one per code); other columns stay empty.
+    """
+    columns = np.arange(codes.shape[0]) if cells is None else np.asarray(cells)
+    n_cells = codes.shape[0] if n_cells is None else n_cells
+    return sp.csr_matrix((np.ones(columns.size), (codes, columns)), shape=(n_types, n_cells))

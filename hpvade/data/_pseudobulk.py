@@ -23,6 +23,10 @@ from hpvade.data._validation import resolve_counts_layer, validate_input
 
 logger = logging.getLogger(__name__)
 
+#: Cells summed into a pseudobulk, and the Dirichlet concentration of its type fractions.
+DEFAULT_CELLS_PER_PSEUDOBULK = 500
+DEFAULT_DIRICHLET_ALPHA = 1.0
+
 
 def sample_cell_counts(
     codes: np.ndarray,
@@ -157,8 +161,8 @@ def simulate_pseudobulk(
     adata: AnnData,
     labels_key: str,
     n_pseudobulk: int = 1000,
-    cells_per_pseudobulk: int = 500,
-    dirichlet_alpha: float = 1.0,
+    cells_per_pseudobulk: int = DEFAULT_CELLS_PER_PSEUDOBULK,
+    dirichlet_alpha: float = DEFAULT_DIRICHLET_ALPHA,
     layer: str | None = None,
     seed: int = 0,
     *,

@@ -48,6 +48,11 @@ def cpm_columns(aggregate: np.ndarray) -> np.ndarray:
     return (aggregate / totals * CPM_SCALE).T
 
 
+def scale_columns_to_cpm(matrix: np.ndarray) -> np.ndarray:
+    """A copy of ``matrix`` (genes × types) with every column scaled to sum to 1e6."""
+    return matrix * (CPM_SCALE / np.maximum(matrix.sum(axis=0, keepdims=True), 1e-300))
+
+
 def signature_spread(signature: np.ndarray) -> float:
     """Mean per-gene standard deviation across cell types, relative to the mean of S.
 

@@ -13,6 +13,7 @@ import torch
 from hpvade._compat import renamed_keywords
 from hpvade._intervals import conformal_scale
 from hpvade._solvers import DEFAULT_REFINE_STEPS, DRAW_REFINE_STEPS, fit_proportions
+from hpvade.data._signature import scale_columns_to_cpm
 from hpvade.module import unexplained_expression
 
 logger = logging.getLogger(__name__)
@@ -252,8 +253,7 @@ class CalibrationMixin:
         the fit the model serves, started from ``estimate``."""
         draws = []
         for ratio in ratios:
-            perturbed = signature * ratio
-            perturbed = perturbed / perturbed.sum(axis=0, keepdims=True) * 1e6
+            perturbed = scale_columns_to_cpm(signature * ratio)
             draws.append(
                 fit_proportions(cpm, perturbed, estimate, refine_steps, **fit_genes).proportions
             )

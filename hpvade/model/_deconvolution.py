@@ -14,6 +14,7 @@ from scvi import settings
 
 from hpvade._compat import renamed_keywords
 from hpvade._constants import (
+    CPM_SCALE,
     ESTIMATOR_KEY,
     FIT_SCORE_KEY,
     GENE_REPORT_KEY,
@@ -191,7 +192,7 @@ class DeconvolutionMixin:
         if not found.all():
             self._check_missing_genes(found)
             # the CPM is over the genes the bulk has; S's is over all: put the bulk on S's scale
-            shares = self.module.signature_array()[found].sum(axis=0) / 1e6
+            shares = self.module.signature_array()[found].sum(axis=0) / CPM_SCALE
             cpm *= float(shares.mean())
         logger.info(
             "Genes: %d of %d reference genes found, %d extra bulk genes ignored, %d reference "

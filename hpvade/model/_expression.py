@@ -7,7 +7,6 @@ import logging
 
 import numpy as np
 import pandas as pd
-import scipy.sparse as sp
 import torch
 from anndata import AnnData
 from scvi import settings
@@ -22,6 +21,7 @@ from hpvade._states import (
     state_profiles,
 )
 from hpvade.data._bulk import as_bulk_anndata
+from hpvade.data._labels import indicator_matrix
 from hpvade.data._pseudobulk import mix_cells
 
 logger = logging.getLogger(__name__)
@@ -147,9 +147,7 @@ class ExpressionMixin:
         n_states = int(state_of_cell.max()) + 1
         state_type = np.zeros(n_states, dtype=np.int64)
         state_type[state_of_cell] = sub_codes
-        indicator = sp.csr_matrix(
-            (np.ones(subset.size), (state_of_cell, subset)), shape=(n_states, codes.size)
-        )
+        indicator = indicator_matrix(state_of_cell, n_states, subset, codes.size)
         aggregated = mix_cells(self.adata, indicator, *self._linear_source())
         decoded_sum = self._decoded_by_state(latent, library, state_of_cell, subset, n_states)
         logger.info("Cell states: %d over %d types.", n_states, n_types)

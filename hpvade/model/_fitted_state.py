@@ -25,6 +25,13 @@ FITTED_STATE = (
         "scale_check_", "train", ("train",), "the first-batch scale check of the last train"
     ),
     FittedAttribute(
+        "pseudobulk_settings_",
+        "train",
+        ("train",),
+        "cells per pseudobulk and Dirichlet concentration of train's pseudobulks (the "
+        "calibrations draw theirs alike)",
+    ),
+    FittedAttribute(
         "reference_state_",
         "train",
         ("train",),

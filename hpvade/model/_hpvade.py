@@ -17,6 +17,7 @@ from hpvade._compat import renamed_keywords
 from hpvade._constants import COUNTS_KEY
 from hpvade._logging import interactive_output, quiet_third_party
 from hpvade.data._labels import get_label_codes
+from hpvade.data._pseudobulk import DEFAULT_CELLS_PER_PSEUDOBULK, DEFAULT_DIRICHLET_ALPHA
 from hpvade.data._split import stratified_split
 from hpvade.data._validation import (
     check_counts_layer,
@@ -48,10 +49,11 @@ class HPVADE(
 ):
     """Hierarchical Prototype Variational Autoencoder for bulk deconvolution.
 
-    A VAE over the reference cells and a deconvolution network over (pseudo)bulk samples share
-    one learnable signature S (genes × types, CPM). The signature starts from the reference
-    (:func:`hpvade.pp.build_signature`); a prototype loss ties each cell type's decoded cells to
-    its column of S, and bulk samples are reconstructed as ``p @ S.T`` in CPM space.
+    Which part produces which output: proportions come from a robust weighted least-squares fit
+    of each bulk to the reference signature S (genes × types, CPM;
+    :func:`hpvade.tl.fit_proportions` without a model), started from the deconvolution
+    network's output; each sample's cell-type expression comes from the VAE's cell states;
+    intervals from signature draws under the VAE posterior.
 
     Parameters
     ----------
@@ -127,8 +129,8 @@ class HPVADE(
         max_epochs: int | None = None,
         batch_size: int = 128,
         n_pseudobulk: int = 4000,
-        cells_per_pseudobulk: int = 500,
-        dirichlet_alpha: float = 1.0,
+        cells_per_pseudobulk: int = DEFAULT_CELLS_PER_PSEUDOBULK,
+        dirichlet_alpha: float = DEFAULT_DIRICHLET_ALPHA,
         accelerator: str = "auto",
         devices: int | list[int] | str = "auto",
         train_size: float = 0.9,
@@ -157,8 +159,7 @@ class HPVADE(
         cells_per_pseudobulk
             Cells summed into each pseudobulk.
         dirichlet_alpha
-            Dirichlet concentration of the simulated proportions (``pseudobulk_alpha`` before
-            0.2).
+            Dirichlet concentration of the simulated proportions.
         accelerator
             Lightning accelerator: ``"cpu"``, ``"gpu"``, ``"mps"`` or ``"auto"``.
         devices
@@ -187,7 +188,8 @@ class HPVADE(
         if max_epochs is None:
             max_epochs = max_epochs_heuristic(train_idx.size, batch_size)
         seed = int(rng.integers(2**31))
-        pool = (cells_per_pseudobulk, dirichlet_alpha)
+        pool = (int(cells_per_pseudobulk), float(dirichlet_alpha))
+        self.pseudobulk_settings_ = dict(zip(("cells_per_pseudobulk", "dirichlet_alpha"), pool))
         pool_train = self._simulate_pool(train_idx, n_pseudobulk, *pool, seed)
         n_val = max(n_pseudobulk // 5, 1)
         pool_val = self._simulate_pool(val_idx, n_val, *pool, seed + 1) if val_idx.size else None
@@ -271,13 +273,11 @@ class HPVADE(
 
         Notes
         -----
-        Refused with a ``ValueError`` that names the fix: a missing labels column (``KeyError``),
-        missing labels, empty categories, fewer than two types, duplicated ``var_names`` or
-        ``obs_names``, negative or non-finite values, AnnData views, and data that is not log1p:
-        integer values (raw counts: keep them in ``counts_layer`` and normalise ``X``, or name
-        the log1p layer with ``layer=``) or values above log1p range (normalised, not logged).
-        Warned about (training still works): cell types with a single cell, genes that are zero
-        in every cell and cells with zero counts.
+        Refused with an error that names the fix: a missing labels column, missing labels, empty
+        categories, fewer than two types, duplicated names, negative or non-finite values,
+        views, and data that is not log1p (integer values: keep counts in ``counts_layer`` and
+        normalise ``X``; values above log1p range). Warned about: types with a single cell,
+        genes that are zero in every cell, cells with zero counts.
         """
         setup_method_args = cls._get_setup_method_args(**locals())
         if adata.is_view:

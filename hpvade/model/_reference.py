@@ -7,13 +7,15 @@ from collections.abc import Iterator
 
 import numpy as np
 import pandas as pd
-import scipy.sparse as sp
 import torch
 from scvi import REGISTRY_KEYS, settings
 
 from hpvade.data._genes import resolve_gene_selection, wilcoxon_markers
+from hpvade.data._labels import indicator_matrix
 from hpvade.data._matrix import get_matrix
 from hpvade.data._pseudobulk import (
+    DEFAULT_CELLS_PER_PSEUDOBULK,
+    DEFAULT_DIRICHLET_ALPHA,
     cell_totals,
     cpm_rows,
     mean_per_type,
@@ -158,6 +160,15 @@ class ReferenceMixin:
             torch.as_tensor(fractions, dtype=torch.float32),
         )
 
+    def _pseudobulk_settings(self) -> tuple[int, float]:
+        """``(cells_per_pseudobulk, dirichlet_alpha)`` of the last ``train`` (calibration
+        pseudobulks are drawn as the training ones were)."""
+        settings = self.pseudobulk_settings_ or {}
+        return (
+            int(settings.get("cells_per_pseudobulk", DEFAULT_CELLS_PER_PSEUDOBULK)),
+            float(settings.get("dirichlet_alpha", DEFAULT_DIRICHLET_ALPHA)),
+        )
+
     def _half_split_pseudobulks(
         self, n_pseudobulk: int, rng: np.random.Generator, n_splits: int = 2
     ) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
@@ -174,9 +185,9 @@ class ReferenceMixin:
         n_types = self.summary_stats.n_labels
         for _ in range(n_splits):
             half, other = stratified_split(codes, 0.5, rng)
-            indicator = sp.csr_matrix(
-                (np.ones(half.size), (codes[half], half)), shape=(n_types, codes.size)
-            )
+            indicator = indicator_matrix(codes[half], n_types, half, codes.size)
             signature = cpm_columns(mix_cells(self.adata, indicator, *self._linear_source()))
-            cpm, truth = self._simulate_mixtures(other, n_pseudobulk, 500, 1.0, rng)
+            cpm, truth = self._simulate_mixtures(
+                other, n_pseudobulk, *self._pseudobulk_settings(), rng
+            )
             yield signature, cpm, truth
