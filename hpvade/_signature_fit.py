@@ -14,9 +14,22 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from hpvade._solvers import weighted_nnls
+from hpvade._estimator import ProportionEstimator
+from hpvade._solvers import DEFAULT_REFINE_STEPS, weighted_nnls
 
 logger = logging.getLogger(__name__)
+
+#: Cohorts smaller than this get a proportionally weaker prior in ``adapt``.
+SMALL_COHORT = 40
+#: The settings of ``adapt`` that its numerics take (kept in ``adaptation_``).
+ADAPT_OPTIONS = (
+    "n_rounds",
+    "prior_strength",
+    "validation_fraction",
+    "tolerance",
+    "gene_factor",
+    "factor_shrinkage",
+)
 
 
 @dataclass
@@ -171,3 +184,22 @@ def adapt_signature(
         )
         return AdaptationResult(prior.copy(), None, False, rounds, errors, fit.size, n_val)
     return AdaptationResult(S, weights, True, rounds, errors, fit.size, n_val)
+
+
+def learn_signature(
+    cpm: np.ndarray,
+    prior: ProportionEstimator,
+    network_proportions: np.ndarray,
+    type_cell_counts: np.ndarray,
+    rng: np.random.Generator,
+    options: dict,
+) -> AdaptationResult:
+    """``adapt`` on one cohort: :func:`adapt_signature` from ``prior`` (the reference's
+    estimator), its prior strength scaled by each type's reference cells and by the cohort's
+    size, started from the prior's robust fit (``options``: adapt's settings)."""
+    options = {name: options[name] for name in ADAPT_OPTIONS}
+    counts = np.asarray(type_cell_counts, dtype=float)
+    cohort = min(1.0, cpm.shape[0] / SMALL_COHORT)
+    strength = options.pop("prior_strength") * cohort * counts / counts.mean()
+    initial = prior.fit(cpm, network_proportions, DEFAULT_REFINE_STEPS).proportions
+    return adapt_signature(cpm, prior.signature, initial, strength, rng=rng, **options)

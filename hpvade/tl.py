@@ -4,8 +4,62 @@ from __future__ import annotations
 
 import numpy as np
 import pandas as pd
+from anndata import AnnData
 
-__all__ = ["marker_genes"]
+from hpvade._constants import CPM_SCALE
+from hpvade._estimator import ProportionEstimator
+from hpvade._solvers import DEFAULT_REFINE_STEPS
+from hpvade.data._bulk import as_bulk_anndata, bulk_to_cpm
+
+__all__ = ["fit_proportions", "marker_genes"]
+
+
+def fit_proportions(
+    bulk: AnnData | pd.DataFrame,
+    signature: pd.DataFrame,
+    genes: list[str] | None = None,
+    n_rounds: int = DEFAULT_REFINE_STEPS,
+    layer: str | None = None,
+) -> pd.DataFrame:
+    """Proportions of bulk samples by the robust fit :class:`~hpvade.HPVADE` serves, without
+    a model.
+
+    Each sample is fitted by dampened weighted least squares whose gene weights follow the
+    sample's own mean-variance trend and set aside genes far off the fit (a protocol's
+    distortion, cells the signature lacks), re-weighted for ``n_rounds`` rounds, started from
+    equal proportions (a model starts from its network's output: the results agree closely).
+
+    Parameters
+    ----------
+    bulk
+        Samples × genes on a linear scale (counts, CPM or TPM), AnnData or DataFrame.
+    signature
+        Genes × types, e.g. :func:`hpvade.pp.build_signature` or
+        :meth:`hpvade.HPVADE.get_signature`.
+    genes
+        Genes the fit uses (e.g. a model's ``selected_genes_``); ``None``: every signature
+        gene. Genes the bulk lacks are left out.
+    n_rounds
+        Re-weighting rounds.
+    layer
+        Layer of an AnnData ``bulk`` with the values; ``None`` uses ``X``.
+
+    Returns
+    -------
+    DataFrame (samples × types), rows sum to 1: fractions of the sample's RNA that each type
+    contributes.
+    """
+    bulk = as_bulk_anndata(bulk)
+    values = signature.to_numpy(dtype=float)
+    values = values * (CPM_SCALE / values.sum(axis=0, keepdims=True))
+    cpm = bulk_to_cpm(bulk, signature.index, layer, allow_missing=True)
+    found = np.asarray(signature.index.isin(bulk.var_names))
+    if not found.all():  # the CPM is over the genes the bulk has: put it on S's scale
+        cpm *= float(values[found].sum(axis=0).mean() / CPM_SCALE)
+    used = np.ones(len(signature), dtype=bool) if genes is None else signature.index.isin(genes)
+    initial = np.full((cpm.shape[0], values.shape[1]), 1.0 / values.shape[1])
+    fit = ProportionEstimator(values, used).fit(cpm, initial, n_rounds, found)
+    return pd.DataFrame(fit.proportions, index=bulk.obs_names.copy(), columns=signature.columns)
 
 
 def marker_genes(signature: pd.DataFrame, n_genes: int = 5) -> pd.Series:

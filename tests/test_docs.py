@@ -95,11 +95,12 @@ def test_layout_limits():
 #: docs/contributing.md: which hpvade modules each layer may import (prefixes).
 LAYERS = {
     ("_constants", "_exceptions", "_compat", "_logging"): (),
-    ("_solvers", "_intervals", "_signature_fit", "data"): (
+    ("_solvers", "_estimator", "_intervals", "_signature_fit", "_states", "data"): (
         "_constants",
         "_exceptions",
         "_compat",
         "_solvers",
+        "_estimator",
         "_intervals",
         "_signature_fit",
         "data",
@@ -110,6 +111,7 @@ LAYERS = {
         "_constants",
         "_compat",
         "_solvers",
+        "_estimator",
         "data",
         "metrics",
         "tl",
@@ -158,6 +160,37 @@ def test_library_text_quotes_no_benchmark_figure():
         if any(re.search(pattern, line) for pattern in patterns)
     ]
     assert not found, "\n".join(found)
+
+
+def test_mixins_call_no_private_method_of_another_mixin():
+    """A mixin reads on its own: it calls its own private methods, those of the base it builds
+    on (ReferenceMixin, scvi-tools' classes) and the public methods of the others."""
+    import ast
+
+    model_dir = Path(hpvade.__file__).parent / "model"
+    siblings = ["_deconvolution", "_calibration", "_adaptation", "_expression"]
+    trees = {name: ast.parse((model_dir / f"{name}.py").read_text()) for name in siblings}
+    defined = {
+        name: {
+            node.name
+            for node in ast.walk(tree)
+            if isinstance(node, ast.FunctionDef) and node.name.startswith("_")
+        }
+        for name, tree in trees.items()
+    }
+    for name, tree in trees.items():
+        called = {
+            node.func.attr
+            for node in ast.walk(tree)
+            if isinstance(node, ast.Call)
+            and isinstance(node.func, ast.Attribute)
+            and isinstance(node.func.value, ast.Name)
+            and node.func.value.id == "self"
+        }
+        for other in siblings:
+            if other != name:
+                crossing = called & (defined[other] - {"__init__"})
+                assert not crossing, f"model/{name}.py calls {other}'s private {crossing}"
 
 
 def test_packaging_metadata_declares_what_the_package_uses():

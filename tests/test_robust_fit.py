@@ -189,3 +189,30 @@ def test_gene_report_names_genes_the_fit_set_aside(trained, test_bulk):
     assert len(set_aside & set(distorted)) >= 0.8 * len(distorted)
     assert len(set_aside - set(distorted)) <= 0.1 * len(selected)
     assert np.abs(got - expected).mean() < 0.01  # the fit did not follow them
+
+
+def test_the_served_fit_without_a_model(trained, test_bulk):
+    """tl.fit_proportions on the model's signature and genes is the model's fit (started from
+    equal proportions instead of the network's output); the estimator the model serves is
+    the same object get_proportions runs."""
+    served = trained.get_proportions(test_bulk.copy(), kind="rna").to_numpy()
+    signature = trained.get_signature()
+    alone = hpvade.tl.fit_proportions(test_bulk, signature, genes=trained.selected_genes_)
+    assert list(alone.columns) == list(trained.cell_types)
+    np.testing.assert_allclose(alone.to_numpy(), served, atol=1e-4)
+    frame = pd.DataFrame(test_bulk.X, test_bulk.obs_names, test_bulk.var_names)
+    np.testing.assert_allclose(
+        hpvade.tl.fit_proportions(frame, signature, genes=trained.selected_genes_), alone
+    )
+    estimator = trained.estimator()
+    assert estimator.name == "robust_dampened_wls"
+    assert list(trained.var_names[estimator.gene_index()]) == list(
+        trained.var_names[trained.var_names.isin(trained.selected_genes_)]
+    )
+
+
+def test_cell_type_expression_writes_nothing_on_the_bulk(trained, test_bulk):
+    bulk = test_bulk.copy()
+    keys = (set(bulk.obs), set(bulk.obsm), set(bulk.uns))
+    trained.get_cell_type_expression(bulk)
+    assert (set(bulk.obs), set(bulk.obsm), set(bulk.uns)) == keys

@@ -162,9 +162,7 @@ def test_public_calls_change_only_documented_keys(pbmc_split, trained, test_bulk
     bulk = test_bulk[:20].copy()
     snapshot = bulk.copy()
     adapted.adapt(bulk, n_rounds=3)
-    assert set(bulk.uns) - set(snapshot.uns) == {"hpvade_gene_report"}
-    del bulk.uns["hpvade_gene_report"]
-    assert _same(bulk, snapshot)
+    assert _same(bulk, snapshot)  # adapt writes nothing on the bulk
 
     registered = pbmc_split[0].copy()
     snapshot = registered.copy()

@@ -48,9 +48,11 @@ def cpm_columns(aggregate: np.ndarray) -> np.ndarray:
     return (aggregate / totals * CPM_SCALE).T
 
 
-def scale_columns_to_cpm(matrix: np.ndarray) -> np.ndarray:
-    """A copy of ``matrix`` (genes × types) with every column scaled to sum to 1e6."""
-    return matrix * (CPM_SCALE / np.maximum(matrix.sum(axis=0, keepdims=True), 1e-300))
+def scale_columns_to_cpm(matrix):
+    """A copy of ``matrix`` (genes × types, array or DataFrame) with every column scaled to
+    sum to 1e6."""
+    totals = np.asarray(matrix.sum(axis=0), dtype=float)
+    return matrix * (CPM_SCALE / np.maximum(totals, 1e-300))
 
 
 def signature_spread(signature: np.ndarray) -> float:

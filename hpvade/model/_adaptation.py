@@ -10,8 +10,8 @@ import torch
 from anndata import AnnData
 from scvi import settings
 
-from hpvade._signature_fit import AdaptationResult, adapt_signature
-from hpvade._solvers import DEFAULT_REFINE_STEPS, fit_proportions
+from hpvade._estimator import ProportionEstimator
+from hpvade._signature_fit import learn_signature
 from hpvade.data._bulk import as_bulk_anndata
 from hpvade.model._fitted_state import reset_fitted_state
 
@@ -19,19 +19,8 @@ logger = logging.getLogger(__name__)
 
 #: Fewest bulk samples ``adapt`` accepts (the network's BatchNorm needs 2; S needs variation).
 MIN_ADAPT_SAMPLES = 3
-#: Cohorts smaller than this get a proportionally weaker prior in ``adapt``.
-SMALL_COHORT = 40
 #: Alternating rounds of ``adapt``: an early stop (see its ``n_rounds``).
 DEFAULT_ADAPT_ROUNDS = 30
-#: The settings of ``adapt`` that its numerics take (kept in ``adaptation_``).
-ADAPT_OPTIONS = (
-    "n_rounds",
-    "prior_strength",
-    "validation_fraction",
-    "tolerance",
-    "gene_factor",
-    "factor_shrinkage",
-)
 
 
 class AdaptationMixin:
@@ -109,7 +98,7 @@ class AdaptationMixin:
         ``n_rounds_run``, held-out ``validation_error`` (weighted squared error with the
         unadapted and the adapted S), sample counts and the settings.
         """
-        cpm, _ = self._bulk_cpm(as_bulk_anndata(bulk), layer)
+        cpm, _, _ = self._bulk_cpm(as_bulk_anndata(bulk), layer)
         if cpm.shape[0] < MIN_ADAPT_SAMPLES:
             raise ValueError(
                 f"adapt needs at least {MIN_ADAPT_SAMPLES} bulk samples, got {cpm.shape[0]}: it "
@@ -142,17 +131,17 @@ class AdaptationMixin:
         }
         rng = np.random.default_rng((settings.seed or 0) if seed is None else seed)
         self.module.eval()
-        prior = self._adaptation_prior()
-        result = self._learn_signature(cpm, prior, self._network_proportions(cpm), rng, options)
+        prior = ProportionEstimator(self._adaptation_prior(), self.estimator().fit_genes)
+        initial = self.module.predict_proportions(cpm)
+        result = learn_signature(cpm, prior, initial, self.type_cell_counts_, rng, options)
         summary = {**result.as_dict(), "n_samples": int(cpm.shape[0]), **options}
         if result.kept:
             self.module.set_signature(result.signature)
             self.gene_weights_ = result.gene_weights
             self.adaptation_ = summary
-            self._distill(
-                cpm, self._deconvolve(cpm, None, DEFAULT_REFINE_STEPS).proportions, distill_steps
-            )
-        self._calibrate()
+            served = self.estimator().fit(cpm, self.module.predict_proportions(cpm))
+            self._distill(cpm, served.proportions, distill_steps)
+        self.calibrate_unexplained()
         logger.info(
             "Adapted S on %d bulk samples: %s after %d rounds (held-out error %.4g -> %.4g).",
             cpm.shape[0],
@@ -179,29 +168,9 @@ class AdaptationMixin:
         if self.adaptation_ is not None:  # undo an earlier adapt, as every adapt does
             self._restore_reference_state()
             reset_fitted_state(self, "adapt")
-            self._calibrate()
+            self.calibrate_unexplained()
         warnings.warn(reason, UserWarning, stacklevel=settings.warnings_stacklevel + 1)
         return {"kept": False, "declined": reason}
-
-    def _learn_signature(
-        self,
-        cpm: np.ndarray,
-        prior: np.ndarray,
-        network_proportions: np.ndarray,
-        rng: np.random.Generator,
-        options: dict,
-    ) -> AdaptationResult:
-        """The numerics of :meth:`adapt` on one cohort (``options``: its keyword settings)."""
-        options = {name: options[name] for name in ADAPT_OPTIONS}
-        counts = np.asarray(self.type_cell_counts_, dtype=float)
-        cohort = min(1.0, cpm.shape[0] / SMALL_COHORT)
-        strength = options.pop("prior_strength") * cohort * counts / counts.mean()
-        # started from the served fit on the prior (better than a gradient-descent start on
-        # the cross-dataset scenario of benchmarks/real.py)
-        initial = fit_proportions(
-            cpm, prior, network_proportions, DEFAULT_REFINE_STEPS, genes=self._fit_gene_index()
-        ).proportions
-        return adapt_signature(cpm, prior, initial, strength, rng=rng, **options)
 
     def _restore_reference_state(self) -> None:
         """Put back S and the network as ``train`` left them (undoing an earlier ``adapt``)."""

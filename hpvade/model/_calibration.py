@@ -11,10 +11,11 @@ import numpy as np
 import torch
 
 from hpvade._compat import renamed_keywords
+from hpvade._estimator import ProportionEstimator
 from hpvade._intervals import conformal_scale
-from hpvade._solvers import DEFAULT_REFINE_STEPS, DRAW_REFINE_STEPS, fit_proportions
-from hpvade.data._signature import scale_columns_to_cpm
-from hpvade.module import unexplained_expression
+from hpvade._signature_fit import learn_signature
+from hpvade._solvers import DRAW_REFINE_STEPS
+from hpvade.module import sample_scores, unexplained_expression
 
 logger = logging.getLogger(__name__)
 
@@ -34,26 +35,6 @@ MAX_CELLS_PER_TYPE_FOR_DRAWS = 200
 class CalibrationMixin:
     """Calibrated uncertainty: signature draws from the VAE posterior, the flag threshold."""
 
-    def _calibrate(self, seed: int = 0) -> None:
-        """The flag's calibration (``train`` and ``adapt``); the intervals wait for their
-        first use (``_ensure_interval_calibration``)."""
-        rng = np.random.default_rng(seed)
-        fits = list(self._calibration_fits(UNEXPLAINED_CALIBRATION_PSEUDOBULKS, rng))
-        self._calibrate_unexplained_on(fits, UNEXPLAINED_QUANTILE)
-
-    def _ensure_interval_calibration(self) -> None:
-        """Calibrate the intervals now if the served estimator has not been (first draws)."""
-        if self.interval_scale_ is not None:
-            return
-        if self.adata is None:
-            raise RuntimeError(
-                "The intervals are not calibrated and the model has no reference to calibrate "
-                "them on: load it with `hpvade.HPVADE.load(path, adata=ref)`, then ask for "
-                "draws again."
-            )
-        logger.info("Calibrating the intervals (first call with draws).")
-        self.calibrate_uncertainty()
-
     def _calibration_fits(
         self, n_pseudobulk: int, rng: np.random.Generator
     ) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]]:
@@ -65,6 +46,7 @@ class CalibrationMixin:
         estimate is its weighted fit.
         """
         self.module.eval()
+        fit_genes = self.estimator().fit_genes
         adapted = self.gene_weights_ is not None
         if adapted:
             # cohorts of the adapted cohort's size (adapt's prior depends on it), 2-4 of them
@@ -74,23 +56,16 @@ class CalibrationMixin:
         else:
             splits = self._half_split_pseudobulks(n_pseudobulk, rng)
         for signature, cpm, truth in splits:
-            initial = self._network_proportions(cpm)
+            initial = self.module.predict_proportions(cpm)
+            half = ProportionEstimator(signature, fit_genes)
             if not adapted:
-                estimate = fit_proportions(
-                    cpm, signature, initial, DEFAULT_REFINE_STEPS, genes=self._fit_gene_index()
-                ).proportions
-                yield signature, cpm, truth, estimate, None
+                yield signature, cpm, truth, half.fit(cpm, initial).proportions, None
                 continue
-            result = self._learn_signature(cpm, signature, initial, rng, self.adaptation_)
+            counts = self.type_cell_counts_
+            result = learn_signature(cpm, half, initial, counts, rng, self.adaptation_)
             weights = result.gene_weights  # None where the held-out guard kept the half S
-            estimate = fit_proportions(
-                cpm,
-                result.signature,
-                initial,
-                DEFAULT_REFINE_STEPS,
-                weights,
-                self._fit_gene_index(),
-            ).proportions
+            adapted_half = ProportionEstimator(result.signature, fit_genes, weights)
+            estimate = adapted_half.fit(cpm, initial).proportions
             yield result.signature, cpm, truth, estimate, weights
 
     @renamed_keywords(n_samples="n_pseudobulk")
@@ -130,7 +105,7 @@ class CalibrationMixin:
 
     def _calibrate_unexplained_on(self, fits, quantile: float) -> float:
         scores = [
-            self._score_samples(unexplained_expression, cpm, estimate, signature)
+            sample_scores(unexplained_expression, cpm, estimate, signature)
             for signature, cpm, _, estimate, _ in fits
         ]
         # Unadapted: half-reference signatures about double the score's noise, hence the
@@ -176,6 +151,12 @@ class CalibrationMixin:
         -------
         The per-type factors, also kept in ``interval_scale_`` (and saved with the model).
         """
+        if self.adata is None:
+            raise RuntimeError(
+                "The intervals are not calibrated and the model has no reference to calibrate "
+                "them on: load it with `hpvade.HPVADE.load(path, adata=ref)`, then ask for "
+                "draws again."
+            )
         rng = np.random.default_rng(seed)
         fits = list(self._calibration_fits(n_pseudobulk, rng))
         return self._calibrate_uncertainty_on(fits, n_draws, coverage, rng)
@@ -185,14 +166,29 @@ class CalibrationMixin:
             self.signature_ratios_ = self._signature_ratios(n_draws, rng).astype(np.float32)
         ratios = self.signature_ratios_
         truths, estimates, draws = [], [], []
+        fit_genes = self.estimator().fit_genes
         for signature, cpm, truth, estimate, weights in fits:
-            fit_genes = {"gene_weights": weights, "genes": self._fit_gene_index()}
-            draws.append(self._proportion_draws(cpm, signature, estimate, ratios, fit_genes))
+            half = ProportionEstimator(signature, fit_genes, weights)
+            draws.append(half.draws(cpm, estimate, ratios, DRAW_REFINE_STEPS))
             truths.append(truth)
             estimates.append(estimate)
         self.interval_scale_ = conformal_scale(truths, estimates, draws, coverage)
         logger.info("Interval scales per type: %s.", np.round(self.interval_scale_, 3))
         return self.interval_scale_
+
+    def signature_draws(self, n_draws: int, seed: int = 0) -> np.ndarray:
+        """Multiplicative perturbations of S under the VAE posterior (draws × genes × types):
+        ``S * ratio`` (columns rescaled to CPM) is one plausible signature. What the
+        intervals of :meth:`get_proportions` re-fit the proportions under.
+
+        Parameters
+        ----------
+        n_draws
+            Number of draws.
+        seed
+            Seed of the posterior samples and the bootstrap of cells.
+        """
+        return self._signature_ratios(n_draws, np.random.default_rng(seed))
 
     @torch.no_grad()
     def _signature_ratios(self, n_draws: int, rng: np.random.Generator) -> np.ndarray:
@@ -239,22 +235,3 @@ class CalibrationMixin:
         profiles = np.stack(profiles)  # draws × types × genes
         ratios = profiles / np.maximum(profiles.mean(axis=0, keepdims=True), 1e-30)
         return ratios.transpose(0, 2, 1)
-
-    def _proportion_draws(
-        self,
-        cpm: np.ndarray,
-        signature: np.ndarray,
-        estimate: np.ndarray,
-        ratios: np.ndarray,
-        fit_genes: dict,
-        refine_steps: int = DRAW_REFINE_STEPS,
-    ) -> np.ndarray:
-        """Proportions re-fitted under each perturbed signature (draws × samples × types), by
-        the fit the model serves, started from ``estimate``."""
-        draws = []
-        for ratio in ratios:
-            perturbed = scale_columns_to_cpm(signature * ratio)
-            draws.append(
-                fit_proportions(cpm, perturbed, estimate, refine_steps, **fit_genes).proportions
-            )
-        return np.stack(draws)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import logging
 import warnings
 
@@ -14,7 +13,6 @@ from scvi import settings
 
 from hpvade._compat import renamed_keywords
 from hpvade._constants import (
-    CPM_SCALE,
     ESTIMATOR_KEY,
     FIT_SCORE_KEY,
     GENE_REPORT_KEY,
@@ -23,31 +21,22 @@ from hpvade._constants import (
     UNEXPLAINED_SCORE_KEY,
     UNKNOWN_FRACTION_KEY,
 )
+from hpvade._estimator import ProportionEstimator
 from hpvade._intervals import interval
-from hpvade._solvers import (
-    DEFAULT_REFINE_STEPS,
-    DRAW_REFINE_STEPS,
-    ProportionFit,
-    fit_proportions,
-    unexplained_share,
-)
-from hpvade.data._bulk import as_bulk_anndata, bulk_to_cpm, gene_report
+from hpvade._solvers import DEFAULT_REFINE_STEPS, DRAW_REFINE_STEPS, ProportionFit
+from hpvade.data._bulk import as_bulk_anndata
 from hpvade.data._labels import indicator_matrix
 from hpvade.data._pseudobulk import rna_to_cell_fractions, with_unknown_content
-from hpvade.module import bulk_reconstruction_error, unexplained_expression
+from hpvade.module import bulk_reconstruction_error, sample_scores, unexplained_expression
 
 logger = logging.getLogger(__name__)
 
 #: Bulk samples per forward pass of the deconvolution network.
 DEFAULT_BATCH_SIZE = 1024
-#: A bulk may lack this share of the selected genes before a warning (the fit uses the rest).
-MISSING_SELECTED_WARN = 0.1
 #: get_proportions warns when more than this share of the samples is flagged unexplained: the
 #: flag also marks a few per cent of samples the reference does explain
 #: (``benchmarks/results/unknown.md``), which alone is no reason to alarm.
 UNEXPLAINED_WARN_SHARE = 0.1
-#: Fewest selected genes a bulk must have, per cell type, to be deconvolved.
-MIN_FIT_GENES_PER_TYPE = 3
 #: A gene the robust fit set aside in at least this share of samples is named in the report.
 SET_ASIDE_REPORTED = 0.5
 
@@ -142,14 +131,13 @@ class DeconvolutionMixin:
         if kind not in ("cell", "rna"):
             raise ValueError(f'`kind` must be "cell" or "rna", got {kind!r}.')
         bulk = as_bulk_anndata(bulk)
-        cpm, found = self._bulk_cpm(bulk, layer, allow_missing=True)
+        cpm, found, bulk.uns[GENE_REPORT_KEY] = self._bulk_cpm(bulk, layer, allow_missing=True)
         fit = self._deconvolve(cpm, batch_size, refine_steps, found)
         if state_aware:
             fit = self._state_aware_fit(cpm, fit, found)
         mixture = fit.proportions
-        proportions, unknown = self._convert_kind(
-            mixture, kind, self._unknown_rna(cpm, fit, found)
-        )
+        unknown_rna = self.estimator().unexplained_share(cpm, fit, found)
+        proportions, unknown = self._convert_kind(mixture, kind, unknown_rna)
         self._report_set_aside(bulk, fit.set_aside, found)
         result = pd.DataFrame(proportions, index=bulk.obs_names.copy(), columns=self.cell_types)
         bulk.obsm[key_added] = result
@@ -158,7 +146,8 @@ class DeconvolutionMixin:
             **self._estimator_description(refine_steps),
             "state_aware": bool(state_aware),
         }
-        bulk.obs[FIT_SCORE_KEY] = self._score_samples(bulk_reconstruction_error, cpm, mixture)
+        signature = self.module.signature().detach()
+        bulk.obs[FIT_SCORE_KEY] = sample_scores(bulk_reconstruction_error, cpm, mixture, signature)
         self._flag_unexplained(bulk, cpm, mixture)
         if n_draws > 0:
             self._write_intervals(
@@ -173,46 +162,17 @@ class DeconvolutionMixin:
         signature = self.module.signature_array()
         return pd.DataFrame(signature, index=self.var_names, columns=self.cell_types)
 
+    def estimator(self) -> ProportionEstimator:
+        """The proportion estimator being served: S (as :meth:`get_signature`), the genes the
+        robust fit uses (``selected_genes_``) and, after :meth:`adapt`, the gene weights of
+        the weighted fit. Its ``fit(cpm, initial)`` is what :meth:`get_proportions` runs,
+        started from the deconvolution network's output."""
+        fit_genes = np.zeros(len(self.var_names), dtype=bool)
+        fit_genes[self._fit_gene_index()] = True
+        weights = None if self.gene_weights_ is None else np.asarray(self.gene_weights_, float)
+        return ProportionEstimator(self.module.signature_array(), fit_genes, weights)
+
     # ------------------------------------------------------------------------------ helpers
-    def _bulk_cpm(
-        self, bulk: AnnData, layer: str | None, allow_missing: bool = False
-    ) -> tuple[np.ndarray, np.ndarray]:
-        """Checks shared by every method that takes a bulk; its CPM on the model's genes and
-        which of them it has (with ``allow_missing``, missing genes are 0)."""
-        self._check_if_trained(warn=False, message=self._not_trained_message)
-        if bulk.is_view:
-            raise ValueError(
-                "`bulk` is a view of another AnnData; results are written to its obsm and obs. "
-                "Pass a copy: `bulk = bulk[mask].copy()`."
-            )
-        cpm = bulk_to_cpm(bulk, self.var_names, layer, allow_missing)
-        found = np.asarray(self.var_names.isin(bulk.var_names))
-        report = gene_report(bulk, self.var_names, cpm, self.selected_genes_)
-        bulk.uns[GENE_REPORT_KEY] = report
-        if not found.all():
-            self._check_missing_genes(found)
-            # the CPM is over the genes the bulk has; S's is over all: put the bulk on S's scale
-            shares = self.module.signature_array()[found].sum(axis=0) / CPM_SCALE
-            cpm *= float(shares.mean())
-        logger.info(
-            "Genes: %d of %d reference genes found, %d extra bulk genes ignored, %d reference "
-            "genes zero in every sample.",
-            report["n_found"],
-            report["n_reference_genes"],
-            report["n_extra_ignored"],
-            report["n_all_zero"],
-        )
-        return cpm, found
-
-    def _unknown_rna(self, cpm: np.ndarray, fit: ProportionFit, found: np.ndarray) -> np.ndarray:
-        """The share of each sample's expression the reference cannot explain (see
-        :func:`hpvade._solvers.unexplained_share`), on the genes the bulk has."""
-        signature = self.module.signature_array()
-        if not found.all():  # the fit on the genes the bulk has, not the fit then a copy
-            cpm, signature = cpm[:, found], signature[found]
-        coefficients = fit.proportions * fit.explained[:, None]
-        return unexplained_share(cpm, coefficients @ signature.T)
-
     def _report_set_aside(self, bulk: AnnData, set_aside, found: np.ndarray) -> None:
         """Add to the gene report the fitted genes the robust fit set aside in at least half
         of the samples (distorted by the protocol or expressed by unknown cells)."""
@@ -223,46 +183,10 @@ class DeconvolutionMixin:
             str(g) for g in genes[set_aside >= SET_ASIDE_REPORTED]
         ]
 
-    def _check_missing_genes(self, found: np.ndarray) -> None:
-        n_selected = self._fit_gene_index().size
-        n_used = self._fit_gene_index(found).size
-        needed = MIN_FIT_GENES_PER_TYPE * len(self.cell_types)
-        if n_used < needed:
-            raise ValueError(
-                f"The bulk has {n_used} of the model's {n_selected} selected genes; at least "
-                f"{needed} ({MIN_FIT_GENES_PER_TYPE} a cell type) are needed. Check that the "
-                "bulk's var_names are gene symbols of the same kind as the reference's, or "
-                "train a model on the genes the bulk has."
-            )
-        if n_used < (1 - MISSING_SELECTED_WARN) * n_selected:
-            warnings.warn(
-                f"The bulk lacks {n_selected - n_used} of the model's {n_selected} selected genes "
-                f'(see bulk.uns["{GENE_REPORT_KEY}"]["selected_missing"]); the proportions are '
-                "fitted on the rest.",
-                UserWarning,
-                stacklevel=settings.warnings_stacklevel + 3,
-            )
-
     def _estimator_description(self, refine_steps: int) -> dict:
+        name = "network" if refine_steps <= 0 else self.estimator().name
         adapted = self.gene_weights_ is not None
-        if refine_steps <= 0:
-            name = "network"
-        else:
-            name = "weighted_nnls" if adapted else "robust_dampened_wls"
         return {"estimator": name, "adapted": adapted, "refine_steps": int(refine_steps)}
-
-    def _network_proportions(self, cpm: np.ndarray, batch_size: int | None = None) -> np.ndarray:
-        """The deconvolution network's proportions (samples × types), in batches."""
-        batch_size = batch_size or DEFAULT_BATCH_SIZE
-        self.module.eval()
-        parts = []
-        with torch.no_grad():
-            for start in range(0, cpm.shape[0], batch_size):
-                rows = torch.as_tensor(
-                    cpm[start : start + batch_size], dtype=torch.float32, device=self.module.device
-                )
-                parts.append(self.module.deconvolve(rows).double().cpu().numpy())
-        return np.concatenate(parts)
 
     def _deconvolve(
         self,
@@ -271,44 +195,23 @@ class DeconvolutionMixin:
         refine_steps: int,
         found: np.ndarray | None = None,
     ) -> ProportionFit:
-        """The served fit: the network's output, fitted to the bulk with the model's S on the
-        genes it has (see :func:`hpvade._solvers.fit_proportions`)."""
-        return fit_proportions(
-            cpm,
-            self.module.signature_array(),
-            self._network_proportions(cpm, batch_size),
-            refine_steps,
-            **self._fit_genes(found),
-        )
+        """The served fit: the network's output, fitted to the bulk by :meth:`estimator` on
+        the genes it has."""
+        initial = self.module.predict_proportions(cpm, batch_size or DEFAULT_BATCH_SIZE)
+        return self.estimator().fit(cpm, initial, refine_steps, found)
 
     def _state_aware_fit(self, cpm: np.ndarray, fit: ProportionFit, found) -> ProportionFit:
         """The robust fit with every cell state as a column, started from ``fit`` spread over
         each type's states; each type's coefficient is the sum of its states'."""
         states = self.cell_states()
         start = fit.proportions[:, states.cell_type] * states.frequencies
-        expanded = fit_proportions(
-            cpm, states.profiles, start, DEFAULT_REFINE_STEPS, genes=self._fit_gene_index(found)
+        served = self.estimator()
+        expanded = ProportionEstimator(states.profiles, served.fit_genes).fit(
+            cpm, start, DEFAULT_REFINE_STEPS, found
         )
         by_type = indicator_matrix(states.cell_type, len(self.cell_types))  # types × states
         proportions = (by_type @ expanded.proportions.T).T
         return ProportionFit(proportions, expanded.explained, expanded.set_aside)
-
-    def _fit_genes(self, found: np.ndarray | None = None) -> dict:
-        """``fit_proportions``' gene arguments: the adapted weights (0 where the bulk lacks
-        the gene) or the selected genes the bulk has."""
-        if self.gene_weights_ is None:
-            return {"genes": self._fit_gene_index(found)}
-        weights = np.asarray(self.gene_weights_, dtype=float)
-        return {"gene_weights": weights if found is None else weights * found}
-
-    @torch.no_grad()
-    def _score_samples(self, score, cpm, proportions, signature=None) -> np.ndarray:
-        """A per-sample score (``bulk_reconstruction_error``, ``unexplained_expression``)
-        of ``proportions`` against ``signature`` (the model's S by default)."""
-        if signature is None:
-            signature = self.module.signature().detach().cpu()
-        as_tensor = functools.partial(torch.as_tensor, dtype=torch.float32)
-        return score(as_tensor(cpm), as_tensor(proportions), as_tensor(signature)).double().numpy()
 
     def _convert_kind(
         self, mixture: np.ndarray, kind: str, unknown_rna: np.ndarray | None = None
@@ -325,7 +228,8 @@ class DeconvolutionMixin:
         )
 
     def _flag_unexplained(self, bulk: AnnData, cpm: np.ndarray, mixture: np.ndarray) -> None:
-        score = self._score_samples(unexplained_expression, cpm, mixture)
+        signature = self.module.signature().detach()
+        score = sample_scores(unexplained_expression, cpm, mixture, signature)
         bulk.obs[UNEXPLAINED_SCORE_KEY] = score
         if self.unexplained_threshold_ is None:
             logger.info("The unexplained-sample flag is not calibrated: no flag written.")
@@ -348,20 +252,15 @@ class DeconvolutionMixin:
             )
 
     def _write_intervals(self, bulk, cpm, mixture, kind, key_added, n_draws, refine_steps, found):
-        self._ensure_interval_calibration()
-        signature = self.module.signature_array()
+        if self.interval_scale_ is None:
+            logger.info("Calibrating the intervals (first call with draws).")
+            self.calibrate_uncertainty()
         if self.signature_ratios_ is not None and n_draws <= len(self.signature_ratios_):
             ratios = self.signature_ratios_[:n_draws].astype(float)  # drawn at calibration
         else:
-            ratios = self._signature_ratios(n_draws, np.random.default_rng(settings.seed or 0))
-        draws = self._proportion_draws(
-            cpm,
-            signature,
-            mixture,
-            ratios,
-            self._fit_genes(found),
-            min(max(refine_steps, 1), DRAW_REFINE_STEPS),
-        )
+            ratios = self.signature_draws(n_draws, seed=settings.seed or 0)
+        n_rounds = min(max(refine_steps, 1), DRAW_REFINE_STEPS)
+        draws = self.estimator().draws(cpm, mixture, ratios, n_rounds, found)
         draws = np.stack([self._convert_kind(d, kind)[0] for d in draws])
         estimate = self._convert_kind(mixture, kind)[0]
         lower, upper = interval(estimate, draws, self.interval_scale_)

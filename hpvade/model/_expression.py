@@ -11,7 +11,6 @@ import torch
 from anndata import AnnData
 from scvi import settings
 
-from hpvade._solvers import DEFAULT_REFINE_STEPS
 from hpvade._states import (
     CellStates,
     allocate,
@@ -92,9 +91,10 @@ class ExpressionMixin:
         sum to 1e6; all zeros where a type's share is 0).
         """
         wanted = list(self.cell_types) if cell_types is None else list(cell_types)
-        bulk = as_bulk_anndata(bulk).copy()  # the gene report of the checks stays on a copy
-        cpm, found = self._bulk_cpm(bulk, layer, allow_missing=True)
-        mixture = self._deconvolve(cpm, None, DEFAULT_REFINE_STEPS, found).proportions
+        bulk = as_bulk_anndata(bulk)
+        cpm, found, _ = self._bulk_cpm(bulk, layer, allow_missing=True)
+        initial = self.module.predict_proportions(cpm)
+        mixture = self.estimator().fit(cpm, initial, found=found).proportions
         states = self.cell_states()
         genes = np.flatnonzero(found)
         cpm = cpm[:, genes]

@@ -189,7 +189,7 @@ class HPVADE(
             max_epochs = max_epochs_heuristic(train_idx.size, batch_size)
         seed = int(rng.integers(2**31))
         pool = (int(cells_per_pseudobulk), float(dirichlet_alpha))
-        self.pseudobulk_settings_ = dict(zip(("cells_per_pseudobulk", "dirichlet_alpha"), pool))
+        self.pseudobulk_settings_ = {"cells_per_pseudobulk": pool[0], "dirichlet_alpha": pool[1]}
         pool_train = self._simulate_pool(train_idx, n_pseudobulk, *pool, seed)
         n_val = max(n_pseudobulk // 5, 1)
         pool_val = self._simulate_pool(val_idx, n_val, *pool, seed + 1) if val_idx.size else None
@@ -226,7 +226,7 @@ class HPVADE(
             )
         self.scale_check_ = self.trainer.lightning_module.scale_check
         self.reference_state_ = self.module.bulk_path_state()
-        self._calibrate()
+        self.calibrate_unexplained()
         return result
 
     @classmethod

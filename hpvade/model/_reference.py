@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import logging
+import warnings
 from collections.abc import Iterator
 
 import numpy as np
 import pandas as pd
 import torch
+from anndata import AnnData
 from scvi import REGISTRY_KEYS, settings
 
+from hpvade._constants import CPM_SCALE, GENE_REPORT_KEY
+from hpvade.data._bulk import bulk_to_cpm, gene_report
 from hpvade.data._genes import resolve_gene_selection, wilcoxon_markers
 from hpvade.data._labels import indicator_matrix
 from hpvade.data._matrix import get_matrix
@@ -27,6 +31,11 @@ from hpvade.data._signature import aggregate_by_type, cpm_columns, warn_if_flat
 from hpvade.data._split import stratified_split
 
 logger = logging.getLogger(__name__)
+
+#: A bulk may lack this share of the selected genes before a warning (the fit uses the rest).
+MISSING_SELECTED_WARN = 0.1
+#: Fewest selected genes a bulk must have, per cell type, to be deconvolved.
+MIN_FIT_GENES_PER_TYPE = 3
 
 
 class ReferenceMixin:
@@ -191,3 +200,53 @@ class ReferenceMixin:
                 other, n_pseudobulk, *self._pseudobulk_settings(), rng
             )
             yield signature, cpm, truth
+
+    def _bulk_cpm(
+        self, bulk: AnnData, layer: str | None, allow_missing: bool = False
+    ) -> tuple[np.ndarray, np.ndarray, dict]:
+        """Checks shared by every method that takes a bulk; its CPM on the model's genes,
+        which of them it has (with ``allow_missing``, missing genes are 0) and the gene report
+        (written to the bulk by ``get_proportions`` only)."""
+        self._check_if_trained(warn=False, message=self._not_trained_message)
+        if bulk.is_view:
+            raise ValueError(
+                "`bulk` is a view of another AnnData; results are written to its obsm and obs. "
+                "Pass a copy: `bulk = bulk[mask].copy()`."
+            )
+        cpm = bulk_to_cpm(bulk, self.var_names, layer, allow_missing)
+        found = np.asarray(self.var_names.isin(bulk.var_names))
+        report = gene_report(bulk, self.var_names, cpm, self.selected_genes_)
+        if not found.all():
+            self._check_missing_genes(found)
+            # the CPM is over the genes the bulk has; S's is over all: put the bulk on S's scale
+            shares = self.module.signature_array()[found].sum(axis=0) / CPM_SCALE
+            cpm *= float(shares.mean())
+        logger.info(
+            "Genes: %d of %d reference genes found, %d extra bulk genes ignored, %d reference "
+            "genes zero in every sample.",
+            report["n_found"],
+            report["n_reference_genes"],
+            report["n_extra_ignored"],
+            report["n_all_zero"],
+        )
+        return cpm, found, report
+
+    def _check_missing_genes(self, found: np.ndarray) -> None:
+        n_selected = self._fit_gene_index().size
+        n_used = self._fit_gene_index(found).size
+        needed = MIN_FIT_GENES_PER_TYPE * len(self.cell_types)
+        if n_used < needed:
+            raise ValueError(
+                f"The bulk has {n_used} of the model's {n_selected} selected genes; at least "
+                f"{needed} ({MIN_FIT_GENES_PER_TYPE} a cell type) are needed. Check that the "
+                "bulk's var_names are gene symbols of the same kind as the reference's, or "
+                "train a model on the genes the bulk has."
+            )
+        if n_used < (1 - MISSING_SELECTED_WARN) * n_selected:
+            warnings.warn(
+                f"The bulk lacks {n_selected - n_used} of the model's {n_selected} selected genes "
+                f'(see bulk.uns["{GENE_REPORT_KEY}"]["selected_missing"]); the proportions are '
+                "fitted on the rest.",
+                UserWarning,
+                stacklevel=settings.warnings_stacklevel + 3,
+            )

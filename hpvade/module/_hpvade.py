@@ -152,6 +152,21 @@ class HPVADEModule(BaseModuleClass):
         h = (torch.log1p(bulk_cpm) - self.bulk_center) / self.bulk_scale
         return torch.softmax(self.deconv_out(self.deconv_net(h)), dim=-1)
 
+    @torch.no_grad()
+    def predict_proportions(self, bulk_cpm: np.ndarray, batch_size: int = 1024) -> np.ndarray:
+        """The network's proportions for bulk CPM (samples × types, float64), in batches."""
+        self.eval()
+        parts = [
+            self.deconvolve(
+                torch.as_tensor(bulk_cpm[start : start + batch_size], dtype=torch.float32)
+            )
+            .double()
+            .cpu()
+            .numpy()
+            for start in range(0, bulk_cpm.shape[0], batch_size)
+        ]
+        return np.concatenate(parts) if parts else np.zeros((0, self.n_labels))
+
     # ----------------------------------------------------------------------------- scvi API
     def _get_inference_input(self, tensors, **kwargs):
         return {

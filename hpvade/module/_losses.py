@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import functools
+
+import numpy as np
 import torch
 
 #: Samples scored together without autograd: keeps the (samples × genes) intermediates in cache.
@@ -38,6 +41,15 @@ def _anscombe_residual_score(
             residual.clamp_min_(0)
         parts.append(residual.square_().mean(-1).mul_(4.0))
     return torch.cat(parts) if parts else bulk_cpm.new_zeros(0)
+
+
+@torch.no_grad()
+def sample_scores(score, bulk_cpm, proportions, signature) -> np.ndarray:
+    """``score`` (:func:`bulk_reconstruction_error`, :func:`unexplained_expression`) of numpy
+    or torch inputs, as a float64 array (one value a sample)."""
+    as_tensor = functools.partial(torch.as_tensor, dtype=torch.float32)
+    values = score(as_tensor(bulk_cpm), as_tensor(proportions), as_tensor(signature).cpu())
+    return values.double().numpy()
 
 
 def bulk_reconstruction_error(
