@@ -13,7 +13,7 @@ from hpvade._solvers import (
     DEFAULT_REFINE_STEPS,
     ProportionFit,
     fit_proportions,
-    unexplained_share,
+    unknown_share,
 )
 from hpvade.data._signature import scale_columns_to_cpm
 
@@ -85,13 +85,13 @@ class ProportionEstimator:
             ]
         )
 
-    def unexplained_share(
+    def unknown_share(
         self, cpm: np.ndarray, fit: ProportionFit, found: np.ndarray | None = None
     ) -> np.ndarray:
         """The share of each sample's expression the signature's types cannot explain (see
-        :func:`hpvade._solvers.unexplained_share`), on the genes the bulk has."""
+        :func:`hpvade._solvers.unknown_share`), on the genes the bulk has."""
         signature = self.signature
         if found is not None and not found.all():
             cpm, signature = cpm[:, found], signature[found]
         coefficients = fit.proportions * fit.explained[:, None]
-        return unexplained_share(cpm, coefficients @ signature.T)
+        return unknown_share(cpm, coefficients @ signature.T)

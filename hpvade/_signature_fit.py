@@ -186,7 +186,7 @@ def adapt_signature(
     return AdaptationResult(S, weights, True, rounds, errors, fit.size, n_val)
 
 
-def learn_signature(
+def adapt_to_cohort(
     cpm: np.ndarray,
     prior: ProportionEstimator,
     network_proportions: np.ndarray,

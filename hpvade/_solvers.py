@@ -258,7 +258,7 @@ def _rows_sum_to_one(coef: np.ndarray) -> np.ndarray:
     return np.divide(coef, totals, out=np.full_like(coef, 1 / coef.shape[1]), where=totals > 0)
 
 
-def unexplained_share(
+def unknown_share(
     bulk: np.ndarray,
     fitted: np.ndarray,
     cutoff: float = TUKEY_CUTOFF,

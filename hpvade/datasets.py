@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 from anndata import AnnData
 
-from hpvade.data._split import first_of_each_type as _first_of_each_type
+from hpvade.data._split import random_cells_per_type as _random_cells_per_type
 
 PBMC_LABELS_KEY = "bulk_labels"
 
@@ -49,7 +49,7 @@ def split_by_type(
     ``(first, second)`` AnnData copies; every cell is in exactly one of them.
     """
     codes = adata.obs[labels_key].astype("category").cat.codes.to_numpy()
-    first = _first_of_each_type(
+    first = _random_cells_per_type(
         codes,
         lambda n: min(max(int(round(fraction * n)), 1), max(n - 1, 1)),
         np.random.default_rng(seed),

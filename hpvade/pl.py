@@ -197,14 +197,14 @@ def predicted_vs_true(
 
 
 def marker_genes(signature: pd.DataFrame, n_genes: int = 5) -> pd.Series:
-    """Deprecated alias of :func:`hpvade.tl.marker_genes` (not a plot); removed in 0.3."""
+    """Deprecated alias of :func:`hpvade.tl.signature_markers` (not a plot); removed in 0.3."""
     warnings.warn(
-        "`hpvade.pl.marker_genes` moved to `hpvade.tl.marker_genes` in hpvade 0.2 (it is not a "
-        "plot); the old name stops working in 0.3.",
+        "`hpvade.pl.marker_genes` moved to `hpvade.tl.signature_markers` (it is not a plot); "
+        "the old name stops working in 0.3.",
         FutureWarning,
         stacklevel=2,
     )
-    return tl.marker_genes(signature, n_genes)
+    return tl.signature_markers(signature, n_genes)
 
 
 def signature_heatmap(
@@ -239,7 +239,7 @@ def signature_heatmap(
     """
     if hasattr(signature, "get_signature"):
         signature = signature.get_signature()
-    markers = tl.marker_genes(signature, n_genes)
+    markers = tl.signature_markers(signature, n_genes)
     block = np.log10(1.0 + signature.loc[markers.index].to_numpy(dtype=float))
     ax = _new_axes(ax, (0.45 * signature.shape[1] + 2.5, 0.16 * len(markers) + 1.5))
     image = ax.imshow(block, aspect="auto", cmap="viridis", interpolation="nearest")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pandas as pd
 from anndata import AnnData
@@ -11,7 +13,7 @@ from hpvade._estimator import ProportionEstimator
 from hpvade._solvers import DEFAULT_REFINE_STEPS
 from hpvade.data._bulk import as_bulk_anndata, bulk_to_cpm
 
-__all__ = ["fit_proportions", "marker_genes"]
+__all__ = ["fit_proportions", "signature_markers"]
 
 
 def fit_proportions(
@@ -62,7 +64,7 @@ def fit_proportions(
     return pd.DataFrame(fit.proportions, index=bulk.obs_names.copy(), columns=signature.columns)
 
 
-def marker_genes(signature: pd.DataFrame, n_genes: int = 5) -> pd.Series:
+def signature_markers(signature: pd.DataFrame, n_genes: int = 5) -> pd.Series:
     """Top ``n_genes`` marker genes per type: largest log fold change of S against the highest
     other type (so a marker is specific, not only above average).
 
@@ -88,3 +90,15 @@ def marker_genes(signature: pd.DataFrame, n_genes: int = 5) -> pd.Series:
         chosen += [signature.index[g] for g in picked]
         owners += [column] * len(picked)
     return pd.Series(owners, index=pd.Index(chosen, name="gene"), name="cell_type")
+
+
+def marker_genes(signature: pd.DataFrame, n_genes: int = 5) -> pd.Series:
+    """Deprecated name of :func:`signature_markers`; removed in 0.3."""
+    warnings.warn(
+        "`hpvade.tl.marker_genes` was renamed `hpvade.tl.signature_markers` (markers read off a "
+        "signature; the model's own markers, `selected_genes_`, come from a test on the "
+        "cells); the old name stops working in 0.3.",
+        FutureWarning,
+        stacklevel=2,
+    )
+    return signature_markers(signature, n_genes)

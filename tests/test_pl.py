@@ -74,7 +74,7 @@ def test_signature_heatmap_shows_markers_of_each_type(trained, tmp_path):
     image = ax.images[0].get_array()
     assert image.shape == (3 * signature.shape[1], signature.shape[1])
     assert [t.get_text() for t in ax.get_xticklabels()] == list(signature.columns)
-    markers = hpvade.tl.marker_genes(signature, 3)
+    markers = hpvade.tl.signature_markers(signature, 3)
     assert [t.get_text() for t in ax.get_yticklabels()] == list(markers.index)
     # a type's markers are highest in that type's own column
     for gene, cell_type in markers.items():

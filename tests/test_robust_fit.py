@@ -10,7 +10,7 @@ import pytest
 from scipy.stats import spearmanr
 
 import hpvade
-from hpvade._solvers import robust_dampened_fit, unexplained_share, variance_power
+from hpvade._solvers import robust_dampened_fit, unknown_share, variance_power
 
 from .conftest import LABELS
 
@@ -103,11 +103,11 @@ def test_unknown_fraction_counts_genes_the_cohort_cannot_explain_together():
     def spearman(share):
         return spearmanr(share, unknown).statistic
 
-    cohort = unexplained_share(bulk, fitted)
+    cohort = unknown_share(bulk, fitted)
     # without the filter the quadrupled genes count in every sample
-    unfiltered = unexplained_share(bulk, fitted, min_correlation=-2.0)
+    unfiltered = unknown_share(bulk, fitted, min_correlation=-2.0)
     # one sample at a time: each sample's own far-off genes
-    own = [unexplained_share(bulk[i : i + 1], fitted[i : i + 1])[0] for i in range(100)]
+    own = [unknown_share(bulk[i : i + 1], fitted[i : i + 1])[0] for i in range(100)]
     # measured 0.68, 0.21 and 0.38 (seeds 0-4: 0.52-0.95, -0.07-0.27 and 0.02-0.48)
     assert spearman(cohort) >= 0.6
     assert spearman(cohort) > spearman(unfiltered) + 0.3
@@ -122,9 +122,9 @@ def test_unknown_fraction_does_not_depend_on_the_chunk_size(monkeypatch):
     fitted = truth @ signature.T
     bulk = fitted * np.exp(rng.normal(0, 0.2, fitted.shape))
     bulk[:, :20] *= 1 + 4 * rng.random(50)[:, None]  # unknown cells' genes, varying share
-    whole = unexplained_share(bulk, fitted)
+    whole = unknown_share(bulk, fitted)
     monkeypatch.setattr("hpvade._solvers.UNEXPLAINED_CHUNK", 7)
-    np.testing.assert_array_equal(unexplained_share(bulk, fitted), whole)
+    np.testing.assert_array_equal(unknown_share(bulk, fitted), whole)
     assert (whole > 0).all()
 
 
@@ -216,3 +216,21 @@ def test_cell_type_expression_writes_nothing_on_the_bulk(trained, test_bulk):
     keys = (set(bulk.obs), set(bulk.obsm), set(bulk.uns))
     trained.get_cell_type_expression(bulk)
     assert (set(bulk.obs), set(bulk.obsm), set(bulk.uns)) == keys
+
+
+def test_every_written_key_follows_key_added_and_refine_steps_is_deprecated(trained, test_bulk):
+    bulk = test_bulk[:30].copy()
+    first = trained.get_proportions(bulk)
+    second = trained.get_proportions(bulk, key_added="network", method="network")
+    for name in ("unknown_fraction", "fit_score", "unexplained_score", "unexplained"):
+        assert f"hpvade_{name}" in bulk.obs and f"network_{name}" in bulk.obs
+    assert bulk.uns["hpvade_estimator"]["estimator"] == "robust_dampened_wls"
+    assert bulk.uns["network_estimator"]["estimator"] == "network"
+    assert "network_gene_report" in bulk.uns
+    np.testing.assert_array_equal(bulk.obsm["hpvade_proportions"], first)  # not overwritten
+    assert np.abs(first.to_numpy() - second.to_numpy()).max() > 1e-3
+    with pytest.warns(FutureWarning, match="`refine_steps` was replaced by `method`"):
+        old = trained.get_proportions(bulk.copy(), refine_steps=0)
+    np.testing.assert_array_equal(old, second)
+    with pytest.raises(ValueError, match='`method` must be "fit" or "network"'):
+        trained.get_proportions(bulk.copy(), method="nnls")

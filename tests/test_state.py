@@ -77,7 +77,7 @@ def test_train_after_adapt_serves_the_reference_estimator(trained, cohorts, tmp_
     assert unadapted == {
         "estimator": "robust_dampened_wls",
         "adapted": False,
-        "refine_steps": 30,
+        "n_rounds": 30,
         "state_aware": False,
     }
     np.testing.assert_allclose(model.get_signature().to_numpy(), before, rtol=1e-4, atol=1e-3)

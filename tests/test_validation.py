@@ -263,9 +263,12 @@ def test_renamed_keywords_keep_working_with_a_future_warning(pbmc):
     np.testing.assert_array_equal(old.X, new.X)
     with pytest.raises(TypeError, match="both `n_samples` and its new name"):
         hpvade.pp.simulate_pseudobulk(pbmc, "bulk_labels", n_samples=4, n_pseudobulk=4)
-    with pytest.warns(FutureWarning, match="moved to `hpvade.tl.marker_genes`"):
-        markers = hpvade.pl.marker_genes(hpvade.pp.build_signature(pbmc, "bulk_labels"), 2)
+    signature = hpvade.pp.build_signature(pbmc, "bulk_labels")
+    with pytest.warns(FutureWarning, match="moved to `hpvade.tl.signature_markers`"):
+        markers = hpvade.pl.marker_genes(signature, 2)
     assert len(markers) == 2 * pbmc.obs["bulk_labels"].nunique()
+    with pytest.warns(FutureWarning, match="renamed `hpvade.tl.signature_markers`"):
+        pd.testing.assert_series_equal(hpvade.tl.marker_genes(signature, 2), markers)
 
 
 def test_counts_layer_replaces_counts_flag():

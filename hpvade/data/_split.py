@@ -7,7 +7,7 @@ from collections.abc import Callable
 import numpy as np
 
 
-def first_of_each_type(
+def random_cells_per_type(
     codes: np.ndarray, count: Callable[[int], int], rng: np.random.Generator
 ) -> np.ndarray:
     """Mask of ``count(n)`` random cells of each type (n: the type's cells).
@@ -31,7 +31,7 @@ def stratified_split(
     """
     if not 0 < train_size <= 1:
         raise ValueError(f"`train_size` must be in (0, 1], got {train_size}.")
-    validation = first_of_each_type(
+    validation = random_cells_per_type(
         codes, lambda n: min(int(round((1 - train_size) * n)), n - 1), rng
     )
     return np.flatnonzero(~validation), np.flatnonzero(validation).astype(np.int64)

@@ -11,7 +11,7 @@ from anndata import AnnData
 from scvi import settings
 
 from hpvade._estimator import ProportionEstimator
-from hpvade._signature_fit import learn_signature
+from hpvade._signature_fit import adapt_to_cohort
 from hpvade.data._bulk import as_bulk_anndata
 from hpvade.model._fitted_state import reset_fitted_state
 
@@ -133,7 +133,7 @@ class AdaptationMixin:
         self.module.eval()
         prior = ProportionEstimator(self._adaptation_prior(), self.estimator().fit_genes)
         initial = self.module.predict_proportions(cpm)
-        result = learn_signature(cpm, prior, initial, self.type_cell_counts_, rng, options)
+        result = adapt_to_cohort(cpm, prior, initial, self.type_cell_counts_, rng, options)
         summary = {**result.as_dict(), "n_samples": int(cpm.shape[0]), **options}
         if result.kept:
             self.module.set_signature(result.signature)

@@ -13,7 +13,7 @@ import torch
 from hpvade._compat import renamed_keywords
 from hpvade._estimator import ProportionEstimator
 from hpvade._intervals import conformal_scale
-from hpvade._signature_fit import learn_signature
+from hpvade._signature_fit import adapt_to_cohort
 from hpvade._solvers import DRAW_REFINE_STEPS
 from hpvade.module import sample_scores, unexplained_expression
 
@@ -62,7 +62,7 @@ class CalibrationMixin:
                 yield signature, cpm, truth, half.fit(cpm, initial).proportions, None
                 continue
             counts = self.type_cell_counts_
-            result = learn_signature(cpm, half, initial, counts, rng, self.adaptation_)
+            result = adapt_to_cohort(cpm, half, initial, counts, rng, self.adaptation_)
             weights = result.gene_weights  # None where the held-out guard kept the half S
             adapted_half = ProportionEstimator(result.signature, fit_genes, weights)
             estimate = adapted_half.fit(cpm, initial).proportions

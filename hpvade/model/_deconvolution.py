@@ -41,6 +41,35 @@ UNEXPLAINED_WARN_SHARE = 0.1
 SET_ASIDE_REPORTED = 0.5
 
 
+def result_keys(key_added: str) -> dict[str, str]:
+    """The keys ``get_proportions`` writes besides ``obsm[key_added]``: the names of
+    ``hpvade._constants``' keys with ``key_added``'s prefix (``key_added`` without a
+    ``"_proportions"`` suffix) in place of ``"hpvade"``."""
+    prefix = key_added.removesuffix("_proportions")
+    keys = {
+        "unknown_fraction": UNKNOWN_FRACTION_KEY,
+        "fit_score": FIT_SCORE_KEY,
+        "unexplained_score": UNEXPLAINED_SCORE_KEY,
+        "unexplained": UNEXPLAINED_KEY,
+        "gene_report": GENE_REPORT_KEY,
+        "estimator": ESTIMATOR_KEY,
+    }
+    return {name: prefix + key.removeprefix("hpvade") for name, key in keys.items()}
+
+
+def _from_refine_steps(refine_steps: int) -> tuple[str, int]:
+    """``(method, n_rounds)`` for the deprecated ``refine_steps``, with a FutureWarning."""
+    warnings.warn(
+        "`refine_steps` was replaced by `method` and `n_rounds` in hpvade 0.2: refine_steps=0 is "
+        'method="network", a positive value is n_rounds; the old keyword stops working in 0.3.',
+        FutureWarning,
+        stacklevel=settings.warnings_stacklevel + 2,
+    )
+    if refine_steps <= 0:
+        return "network", DEFAULT_REFINE_STEPS
+    return "fit", int(refine_steps)
+
+
 class DeconvolutionMixin:
     """``get_proportions``, ``get_signature`` and what they write on the bulk AnnData."""
 
@@ -51,10 +80,12 @@ class DeconvolutionMixin:
         layer: str | None = None,
         key_added: str = PROPORTIONS_KEY,
         batch_size: int | None = None,
-        refine_steps: int = DEFAULT_REFINE_STEPS,
+        method: str = "fit",
+        n_rounds: int = DEFAULT_REFINE_STEPS,
         kind: str = "cell",
         n_draws: int = 0,
         state_aware: bool = False,
+        refine_steps: int | None = None,
     ) -> pd.DataFrame:
         """Estimate cell-type proportions of bulk samples, optionally with 90 % intervals.
 
@@ -69,17 +100,24 @@ class DeconvolutionMixin:
         layer
             Layer of ``bulk`` with the values; ``None`` uses ``bulk.X``.
         key_added
-            Key of ``bulk.obsm`` where the proportions are written.
+            Key of ``bulk.obsm`` where the proportions are written. The other keys written
+            (see Notes) share its prefix: ``"hpvade_proportions"`` writes
+            ``obs["hpvade_unknown_fraction"]``, ``"model2"`` writes
+            ``obs["model2_unknown_fraction"]``, so two calls never overwrite each other.
         batch_size
             Samples per forward pass of the network; defaults to 1024.
+        method
+            ``"fit"`` (default): the network's output starts a fit of each sample to ``S @ c``
+            (:meth:`estimator`): before :meth:`adapt`, dampened weighted least squares with
+            robust gene weights on the selected genes (errors weighed by the variance measured
+            in each sample's residuals, genes a protocol distorts set aside); after
+            :meth:`adapt`, the exact gene-weighted least squares that adapt fitted S with.
+            ``"network"``: the deconvolution network's output as is.
+        n_rounds
+            Re-weighting rounds of the robust fit (the adapted fit is exact and ignores it).
         refine_steps
-            0 returns the deconvolution network's output as is. Otherwise the network's output
-            starts a fit of each sample to ``S @ c``: before :meth:`adapt`, this many rounds of
-            dampened weighted least squares with robust gene weights on the selected genes
-            (:func:`hpvade._solvers.robust_dampened_fit`: errors weighed by the variance
-            measured in each sample's residuals, genes a protocol distorts set aside); after
-            :meth:`adapt`, the exact gene-weighted least squares that adapt fitted S with (any
-            positive value). ``uns["hpvade_estimator"]`` records which.
+            Deprecated (removed in 0.3): 0 is ``method="network"``, a positive value
+            ``n_rounds``.
         kind
             ``"cell"`` (default): fractions of cells. ``"rna"``: fractions of the sample's RNA.
             A bulk mixes RNA, so the model estimates RNA fractions; with a registered count
@@ -104,13 +142,13 @@ class DeconvolutionMixin:
 
         Notes
         -----
-        Also written to ``bulk``:
+        Also written to ``bulk`` (keys for the default ``key_added``):
 
         - ``obs["hpvade_unknown_fraction"]``: the share of the sample (cells for
           ``kind="cell"``, RNA for ``"rna"``) that the reference's types do not explain,
           e.g. neutrophils in PBMC bulk against a PBMC reference: the expression in genes
           the fit falls far short of in at least half of the samples deconvolved together
-          and that rise and fall together (:func:`hpvade._solvers.unexplained_share`; cells
+          and that rise and fall together (:func:`hpvade._solvers.unknown_share`; cells
           of unknown type counted with the reference's mean RNA content). A lower bound that
           ranks the samples of one call; deconvolve a cohort in one call. The proportions
           are fractions of the known cells.
@@ -130,29 +168,35 @@ class DeconvolutionMixin:
         """
         if kind not in ("cell", "rna"):
             raise ValueError(f'`kind` must be "cell" or "rna", got {kind!r}.')
+        if refine_steps is not None:
+            method, n_rounds = _from_refine_steps(refine_steps)
+        if method not in ("fit", "network"):
+            raise ValueError(f'`method` must be "fit" or "network", got {method!r}.')
+        rounds = n_rounds if method == "fit" else 0
+        keys = result_keys(key_added)
         bulk = as_bulk_anndata(bulk)
-        cpm, found, bulk.uns[GENE_REPORT_KEY] = self._bulk_cpm(bulk, layer, allow_missing=True)
-        fit = self._deconvolve(cpm, batch_size, refine_steps, found)
+        cpm, found, report = self._bulk_cpm(bulk, layer, allow_missing=True)
+        bulk.uns[keys["gene_report"]] = report
+        fit = self._served_fit(cpm, batch_size, rounds, found)
         if state_aware:
             fit = self._state_aware_fit(cpm, fit, found)
         mixture = fit.proportions
-        unknown_rna = self.estimator().unexplained_share(cpm, fit, found)
+        unknown_rna = self.estimator().unknown_share(cpm, fit, found)
         proportions, unknown = self._convert_kind(mixture, kind, unknown_rna)
-        self._report_set_aside(bulk, fit.set_aside, found)
+        self._report_set_aside(report, fit.set_aside, found)
         result = pd.DataFrame(proportions, index=bulk.obs_names.copy(), columns=self.cell_types)
         bulk.obsm[key_added] = result
-        bulk.obs[UNKNOWN_FRACTION_KEY] = unknown
-        bulk.uns[ESTIMATOR_KEY] = {
-            **self._estimator_description(refine_steps),
+        bulk.obs[keys["unknown_fraction"]] = unknown
+        bulk.uns[keys["estimator"]] = {
+            **self._estimator_description(rounds),
             "state_aware": bool(state_aware),
         }
         signature = self.module.signature().detach()
-        bulk.obs[FIT_SCORE_KEY] = sample_scores(bulk_reconstruction_error, cpm, mixture, signature)
-        self._flag_unexplained(bulk, cpm, mixture)
+        scores = sample_scores(bulk_reconstruction_error, cpm, mixture, signature)
+        bulk.obs[keys["fit_score"]] = scores
+        self._flag_unexplained(bulk, cpm, mixture, keys)
         if n_draws > 0:
-            self._write_intervals(
-                bulk, cpm, mixture, kind, key_added, n_draws, refine_steps, found
-            )
+            self._write_intervals(bulk, cpm, mixture, kind, key_added, n_draws, rounds, found)
         logger.info("Deconvolved %d samples (%s fractions).", bulk.n_obs, kind)
         return result
 
@@ -173,32 +217,30 @@ class DeconvolutionMixin:
         return ProportionEstimator(self.module.signature_array(), fit_genes, weights)
 
     # ------------------------------------------------------------------------------ helpers
-    def _report_set_aside(self, bulk: AnnData, set_aside, found: np.ndarray) -> None:
+    def _report_set_aside(self, report: dict, set_aside, found: np.ndarray) -> None:
         """Add to the gene report the fitted genes the robust fit set aside in at least half
         of the samples (distorted by the protocol or expressed by unknown cells)."""
         if set_aside is None:
             return
         genes = self.var_names[self._fit_gene_index(found)]
-        bulk.uns[GENE_REPORT_KEY]["set_aside_genes"] = [
-            str(g) for g in genes[set_aside >= SET_ASIDE_REPORTED]
-        ]
+        report["set_aside_genes"] = [str(g) for g in genes[set_aside >= SET_ASIDE_REPORTED]]
 
-    def _estimator_description(self, refine_steps: int) -> dict:
-        name = "network" if refine_steps <= 0 else self.estimator().name
+    def _estimator_description(self, n_rounds: int) -> dict:
+        name = "network" if n_rounds <= 0 else self.estimator().name
         adapted = self.gene_weights_ is not None
-        return {"estimator": name, "adapted": adapted, "refine_steps": int(refine_steps)}
+        return {"estimator": name, "adapted": adapted, "n_rounds": int(n_rounds)}
 
-    def _deconvolve(
+    def _served_fit(
         self,
         cpm: np.ndarray,
         batch_size: int | None,
-        refine_steps: int,
+        n_rounds: int,
         found: np.ndarray | None = None,
     ) -> ProportionFit:
         """The served fit: the network's output, fitted to the bulk by :meth:`estimator` on
         the genes it has."""
         initial = self.module.predict_proportions(cpm, batch_size or DEFAULT_BATCH_SIZE)
-        return self.estimator().fit(cpm, initial, refine_steps, found)
+        return self.estimator().fit(cpm, initial, n_rounds, found)
 
     def _state_aware_fit(self, cpm: np.ndarray, fit: ProportionFit, found) -> ProportionFit:
         """The robust fit with every cell state as a column, started from ``fit`` spread over
@@ -227,20 +269,20 @@ class DeconvolutionMixin:
             mixture, unknown, self.rna_content_
         )
 
-    def _flag_unexplained(self, bulk: AnnData, cpm: np.ndarray, mixture: np.ndarray) -> None:
+    def _flag_unexplained(self, bulk: AnnData, cpm, mixture, keys: dict[str, str]) -> None:
         signature = self.module.signature().detach()
         score = sample_scores(unexplained_expression, cpm, mixture, signature)
-        bulk.obs[UNEXPLAINED_SCORE_KEY] = score
+        bulk.obs[keys["unexplained_score"]] = score
         if self.unexplained_threshold_ is None:
             logger.info("The unexplained-sample flag is not calibrated: no flag written.")
             return
         flagged = score > self.unexplained_threshold_
-        bulk.obs[UNEXPLAINED_KEY] = flagged
+        bulk.obs[keys["unexplained"]] = flagged
         if flagged.mean() > UNEXPLAINED_WARN_SHARE:
             warnings.warn(
                 f"{int(flagged.sum())} of {flagged.size} bulk samples ({flagged.mean():.0%}) are "
                 "not explained by the reference (unexplained expression above "
-                f'{self.unexplained_threshold_:.3g}; see bulk.obs["{UNEXPLAINED_KEY}"]): more '
+                f'{self.unexplained_threshold_:.3g}; see bulk.obs["{keys["unexplained"]}"]): more '
                 "than the few per cent of samples the reference explains that the flag marks "
                 "too. Likely causes: "
                 "a cell type missing from the reference, a strong batch or platform effect "
@@ -251,7 +293,7 @@ class DeconvolutionMixin:
                 stacklevel=settings.warnings_stacklevel + 2,
             )
 
-    def _write_intervals(self, bulk, cpm, mixture, kind, key_added, n_draws, refine_steps, found):
+    def _write_intervals(self, bulk, cpm, mixture, kind, key_added, n_draws, n_rounds, found):
         if self.interval_scale_ is None:
             logger.info("Calibrating the intervals (first call with draws).")
             self.calibrate_uncertainty()
@@ -259,7 +301,7 @@ class DeconvolutionMixin:
             ratios = self.signature_ratios_[:n_draws].astype(float)  # drawn at calibration
         else:
             ratios = self.signature_draws(n_draws, seed=settings.seed or 0)
-        n_rounds = min(max(refine_steps, 1), DRAW_REFINE_STEPS)
+        n_rounds = min(max(n_rounds, 1), DRAW_REFINE_STEPS)
         draws = self.estimator().draws(cpm, mixture, ratios, n_rounds, found)
         draws = np.stack([self._convert_kind(d, kind)[0] for d in draws])
         estimate = self._convert_kind(mixture, kind)[0]
