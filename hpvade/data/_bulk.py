@@ -7,7 +7,7 @@ import pandas as pd
 import scipy.sparse as sp
 from anndata import AnnData
 
-from hpvade.data._matrix import get_matrix
+from hpvade.data._matrix import check_finite_non_negative, get_matrix
 from hpvade.data._pseudobulk import cpm_rows
 
 #: Non-integer data whose maximum stays below this is taken as log-transformed.
@@ -132,13 +132,9 @@ def bulk_to_cpm(
     values = np.zeros((bulk.n_obs, len(genes)), dtype=np.float64)
     values[:, found] = found_values
     where = f"`bulk.layers[{layer!r}]`" if layer else "`bulk.X`"
-    if not np.all(np.isfinite(values)):
-        raise ValueError(f"{where} contains NaN or infinite values; remove or impute them.")
-    if np.any(values < 0):
-        raise ValueError(
-            f"{where} contains negative values; pass linear-scale counts, CPM or TPM, not "
-            "centred or scaled data."
-        )
+    check_finite_non_negative(
+        values, where, "pass linear-scale counts, CPM or TPM, not centred or scaled data."
+    )
     if looks_log_transformed(values):
         raise ValueError(
             f"{where} looks log-transformed (non-integer values, max {values.max():.3g} < "

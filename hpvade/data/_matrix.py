@@ -81,3 +81,12 @@ def to_linear(block, log1p: bool):
     block = np.asarray(block)
     block = block.astype(_float_dtype(block.dtype), copy=False)
     return np.expm1(block) if log1p else block
+
+
+def check_finite_non_negative(values: np.ndarray, where: str, expected: str) -> None:
+    """Raise a ``ValueError`` naming ``where`` if ``values`` hold NaN, infinite or negative
+    entries; ``expected`` says what the data should be (ends the negative-values message)."""
+    if not np.all(np.isfinite(values)):
+        raise ValueError(f"{where} contains NaN or infinite values; remove or impute them.")
+    if values.size and values.min() < 0:
+        raise ValueError(f"{where} contains negative values; {expected}")

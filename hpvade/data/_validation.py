@@ -10,7 +10,7 @@ import scipy.sparse as sp
 from anndata import AnnData
 from scvi import REGISTRY_KEYS
 
-from hpvade.data._matrix import iter_row_chunks
+from hpvade.data._matrix import check_finite_non_negative, iter_row_chunks
 
 #: log1p-normalised data stays well below this; raw counts routinely exceed it.
 LOG1P_MAX = 20.0
@@ -82,13 +82,12 @@ def validate_reference(adata: AnnData, layer: str | None) -> tuple[np.ndarray, n
         values = _values(block)
         if values.size == 0:
             continue
-        if not np.all(np.isfinite(values)):
-            raise ValueError(f"{where} contains NaN or infinite values; remove or impute them.")
-        if values.min() < 0:
-            raise ValueError(
-                f"{where} contains negative values. hpvade expects log1p-normalised expression "
-                "(`sc.pp.normalize_total(adata); sc.pp.log1p(adata)`), not scaled data."
-            )
+        check_finite_non_negative(
+            values,
+            where,
+            "hpvade expects log1p-normalised expression "
+            "(`sc.pp.normalize_total(adata); sc.pp.log1p(adata)`), not scaled data.",
+        )
         maximum = max(maximum, float(values.max()))
         all_integer = all_integer and np.array_equal(values, np.round(values))
     if all_integer and maximum > 0:
@@ -118,9 +117,7 @@ def check_counts_layer(adata: AnnData, counts_layer: str | None) -> None:
 def _check_counts(adata: AnnData, layer: str | None) -> None:
     where = f"`adata.layers[{layer!r}]`" if layer else "`adata.X`"
     for _, _, block in iter_row_chunks(adata, layer):
-        values = _values(block)
-        if values.size and (not np.all(np.isfinite(values)) or values.min() < 0):
-            raise ValueError(f"{where} must hold non-negative, finite raw counts.")
+        check_finite_non_negative(_values(block), where, "it must hold non-negative raw counts.")
 
 
 def resolve_counts_layer(
