@@ -247,6 +247,7 @@ def main() -> None:
     parser.add_argument("--out", default=str(HERE / "results" / "expression.md"))
     args = parser.parse_args()
     seeds = [int(s) for s in args.seeds.split(",")]
+    produced_by = stamp()  # the code that runs, before any edit during the run
     warnings.filterwarnings("ignore")
     adata = kd.load_kang()
     cases = {
@@ -270,8 +271,8 @@ def main() -> None:
     lines = [
         "# Cell-type-specific expression on Kang 2018 (`benchmarks/expression.py`)",
         "",
-        f"Produced by `benchmarks/expression.py` at {stamp()}, seeds {args.seeds}; figures are "
-        "min / median / max over seeds (each seed: its own bulks and model).",
+        f"Produced by `benchmarks/expression.py` at {produced_by}, seeds {args.seeds}; figures "
+        "are min / median / max over seeds (each seed: its own bulks and model).",
         "",
         summary.to_markdown(index=False),
         "",
