@@ -306,3 +306,24 @@ def test_integer_label_codes_warn_and_become_strings_everywhere():
     model = hpvade.HPVADE(adata, n_hidden=16, n_latent=4)
     assert list(model.cell_types) == list(signature.columns) == ["0", "1", "2"]
     assert list(model.get_signature().columns) == ["0", "1", "2"]
+
+
+def test_a_transposed_bulk_or_other_gene_identifiers_are_named(trained, test_bulk):
+    bulk = test_bulk[:8].copy()
+    table = pd.DataFrame(bulk.X, bulk.obs_names, bulk.var_names)
+    with pytest.raises(ValueError, match="looks transposed.*genes as columns"):
+        trained.get_proportions(table.T)
+    ensembl = table.copy()
+    ensembl.columns = [f"ENSG{i:011d}" for i in range(table.shape[1])]
+    with pytest.raises(ValueError, match="bulk's genes are Ensembl IDs.*reference's gene symbols"):
+        trained.get_proportions(ensembl)
+    versioned = _ensembl_model_bulk(table)
+    message = hpvade.data._bulk.gene_mismatch_hint(*versioned)
+    assert "strip the version suffix" in message
+    assert hpvade.data._bulk.gene_mismatch_hint(ad.AnnData(table), trained.var_names) == ""
+
+
+def _ensembl_model_bulk(table):
+    ids = pd.Index([f"ENSG{i:011d}" for i in range(table.shape[1])])
+    bulk = ad.AnnData(table.to_numpy(), var=pd.DataFrame(index=ids + ".7"))
+    return bulk, ids

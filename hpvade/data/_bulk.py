@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
@@ -21,6 +23,51 @@ def looks_log_transformed(values: np.ndarray) -> bool:
     if values.size == 0 or float(values.max()) >= LOG_SCALE_MAX:
         return False
     return not np.allclose(values, np.round(values))
+
+
+#: Gene identifiers of this form are Ensembl IDs (ENSG..., ENSMUSG..., with an optional
+#: version suffix); anything else is taken as a symbol.
+_ENSEMBL = re.compile(r"^ENS[A-Z]*G\d{6,}(\.\d+)?$")
+
+
+def _identifier_kind(names: pd.Index) -> str:
+    """``"Ensembl IDs (versioned)"``, ``"Ensembl IDs"`` or ``"gene symbols"``: what most of a
+    sample of ``names`` are."""
+    sample = [str(n) for n in names[:500]]
+    if not sample:
+        return "gene symbols"
+    ensembl = [n for n in sample if _ENSEMBL.match(n)]
+    if len(ensembl) < len(sample) / 2:
+        return "gene symbols"
+    versioned = sum("." in n for n in ensembl) > len(ensembl) / 2
+    return "Ensembl IDs (versioned)" if versioned else "Ensembl IDs"
+
+
+def gene_mismatch_hint(bulk: AnnData, genes: pd.Index) -> str:
+    """Why a bulk shares few of ``genes``, where it can be told: the bulk is genes × samples
+    (its obs_names hold the genes), or it names genes another way (Ensembl IDs against
+    symbols, versioned against unversioned). Empty when neither."""
+    in_var = genes.isin(bulk.var_names).sum()
+    if genes.isin(bulk.obs_names).sum() > max(in_var, 0.1 * len(genes)):
+        return (
+            " The bulk looks transposed: its obs_names (rows) hold the reference's genes. "
+            "Pass samples as rows and genes as columns: `bulk = bulk.T.copy()` for an AnnData, "
+            "`table.T` for a DataFrame."
+        )
+    ours, theirs = _identifier_kind(genes), _identifier_kind(bulk.var_names)
+    if ours != theirs:
+        example_ours, example_theirs = genes[0], bulk.var_names[0]
+        return (
+            f" The bulk's genes are {theirs} (e.g. {example_theirs!r}) and the reference's "
+            f"{ours} (e.g. {example_ours!r}): map both to one kind first"
+            + (
+                " (strip the version suffix: `bulk.var_names = bulk.var_names.str.split('.')"
+                ".str[0]`)."
+                if {ours, theirs} == {"Ensembl IDs", "Ensembl IDs (versioned)"}
+                else ", e.g. with the gene annotation of your bulk's pipeline."
+            )
+        )
+    return ""
 
 
 def as_bulk_anndata(bulk) -> AnnData:
@@ -120,7 +167,7 @@ def bulk_to_cpm(
             f"{len(missing)} of {len(genes)} reference genes are missing from the bulk "
             f"(e.g. {missing[:5].tolist()}). Restrict the reference to shared genes before "
             "setup: `ref = ref[:, ref.var_names.isin(bulk.var_names)].copy()`, then "
-            "`HPVADE.setup_anndata(ref, ...)` and train again."
+            "`HPVADE.setup_anndata(ref, ...)` and train again." + gene_mismatch_hint(bulk, genes)
         )
     columns = bulk.var_names.get_indexer(genes)
     found = columns >= 0
@@ -146,5 +193,6 @@ def bulk_to_cpm(
         raise ValueError(
             f"{zero.size} bulk samples have no counts on the reference genes "
             f"(e.g. {bulk.obs_names[zero[:5]].tolist()}); remove them before deconvolution."
+            + gene_mismatch_hint(bulk, genes)
         )
     return cpm_rows(values, inplace=True)

@@ -13,7 +13,7 @@ from anndata import AnnData
 from scvi import REGISTRY_KEYS, settings
 
 from hpvade._constants import CPM_SCALE, GENE_REPORT_KEY
-from hpvade.data._bulk import bulk_to_cpm, gene_report
+from hpvade.data._bulk import bulk_to_cpm, gene_mismatch_hint, gene_report
 from hpvade.data._genes import resolve_gene_selection, wilcoxon_markers
 from hpvade.data._labels import indicator_matrix
 from hpvade.data._matrix import get_matrix
@@ -217,7 +217,7 @@ class ReferenceMixin:
         found = np.asarray(self.var_names.isin(bulk.var_names))
         report = gene_report(bulk, self.var_names, cpm, self.selected_genes_)
         if not found.all():
-            self._check_missing_genes(found)
+            self._check_missing_genes(bulk, found)
             # the CPM is over the genes the bulk has; S's is over all: put the bulk on S's scale
             shares = self.module.signature_array()[found].sum(axis=0) / CPM_SCALE
             cpm *= float(shares.mean())
@@ -231,7 +231,7 @@ class ReferenceMixin:
         )
         return cpm, found, report
 
-    def _check_missing_genes(self, found: np.ndarray) -> None:
+    def _check_missing_genes(self, bulk: AnnData, found: np.ndarray) -> None:
         n_selected = self._fit_gene_index().size
         n_used = self._fit_gene_index(found).size
         needed = MIN_FIT_GENES_PER_TYPE * len(self.cell_types)
@@ -239,8 +239,8 @@ class ReferenceMixin:
             raise ValueError(
                 f"The bulk has {n_used} of the model's {n_selected} selected genes; at least "
                 f"{needed} ({MIN_FIT_GENES_PER_TYPE} a cell type) are needed. Check that the "
-                "bulk's var_names are gene symbols of the same kind as the reference's, or "
-                "train a model on the genes the bulk has."
+                "bulk's var_names name genes as the reference's do, or train a model on the "
+                "genes the bulk has." + gene_mismatch_hint(bulk, self.var_names)
             )
         if n_used < (1 - MISSING_SELECTED_WARN) * n_selected:
             warnings.warn(
