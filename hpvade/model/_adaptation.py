@@ -62,9 +62,10 @@ class AdaptationMixin:
         Parameters
         ----------
         bulk
-            The user's bulk samples (linear scale), as for :meth:`get_proportions`: more
-            than there are cell types (a dozen or more works best). With fewer, adapt
-            declines with a warning and the model serves the reference-trained estimator.
+            The user's bulk samples (linear scale), as for :meth:`get_proportions`: a dozen or
+            more from one protocol, and more than there are cell types. With no more samples
+            than cell types, adapt declines with a warning and the model serves the
+            reference-trained estimator.
         layer
             Layer of ``bulk`` with the values; ``None`` uses ``bulk.X``.
         n_rounds
