@@ -137,7 +137,8 @@ class AdaptationMixin:
         result = adapt_to_cohort(cpm, prior, initial, self.type_cell_counts_, rng, options)
         summary = {**result.as_dict(), "n_samples": int(cpm.shape[0]), **options}
         if result.kept:
-            self.module.set_signature(result.signature)
+            self.module.set_signature(result.signature)  # what the network is distilled with
+            self.adapted_signature_ = np.asarray(result.signature, dtype=np.float64)
             self.gene_weights_ = result.gene_weights
             self.adaptation_ = summary
             served = self.estimator().fit(cpm, self.module.predict_proportions(cpm))

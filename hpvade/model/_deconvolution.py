@@ -191,7 +191,7 @@ class DeconvolutionMixin:
             **self._estimator_description(rounds),
             "state_aware": bool(state_aware),
         }
-        signature = self.module.signature().detach()
+        signature = self._served_signature()
         scores = sample_scores(bulk_reconstruction_error, cpm, mixture, signature)
         bulk.obs[keys["fit_score"]] = scores
         self._flag_unexplained(bulk, cpm, mixture, keys)
@@ -202,8 +202,9 @@ class DeconvolutionMixin:
 
     @torch.inference_mode()
     def get_signature(self) -> pd.DataFrame:
-        """The signature S being served (genes × cell types, CPM; columns sum to 1e6)."""
-        signature = self.module.signature_array()
+        """The signature S being served (genes × cell types, CPM; columns sum to 1e6, after
+        :meth:`adapt` as its regression left them, within a few per mille)."""
+        signature = self._served_signature()
         return pd.DataFrame(signature, index=self.var_names, columns=self.cell_types)
 
     def estimator(self) -> ProportionEstimator:
@@ -214,7 +215,7 @@ class DeconvolutionMixin:
         fit_genes = np.zeros(len(self.var_names), dtype=bool)
         fit_genes[self._fit_gene_index()] = True
         weights = None if self.gene_weights_ is None else np.asarray(self.gene_weights_, float)
-        return ProportionEstimator(self.module.signature_array(), fit_genes, weights)
+        return ProportionEstimator(self._served_signature(), fit_genes, weights)
 
     # ------------------------------------------------------------------------------ helpers
     def _report_set_aside(self, report: dict, set_aside, found: np.ndarray) -> None:
@@ -270,7 +271,7 @@ class DeconvolutionMixin:
         )
 
     def _flag_unexplained(self, bulk: AnnData, cpm, mixture, keys: dict[str, str]) -> None:
-        signature = self.module.signature().detach()
+        signature = self._served_signature()
         score = sample_scores(unexplained_expression, cpm, mixture, signature)
         bulk.obs[keys["unexplained_score"]] = score
         if self.unexplained_threshold_ is None:

@@ -57,6 +57,13 @@ FITTED_STATE = (
         "summary of the last adapt (None: the model serves the reference-trained estimator)",
     ),
     FittedAttribute(
+        "adapted_signature_",
+        "adapt",
+        ("train", "adapt"),
+        "S exactly as adapt computed it (genes × types, float64), served after adapt; the "
+        "module holds it through the training parametrisation (None: not adapted)",
+    ),
+    FittedAttribute(
         "gene_weights_",
         "adapt",
         ("train", "adapt"),

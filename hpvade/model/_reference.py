@@ -201,6 +201,13 @@ class ReferenceMixin:
             )
             yield signature, cpm, truth
 
+    def _served_signature(self) -> np.ndarray:
+        """The S that proportions are fitted with (genes × types, float64): adapt's exactly
+        after ``adapt``, otherwise the module's."""
+        if getattr(self, "adapted_signature_", None) is not None:
+            return np.asarray(self.adapted_signature_, dtype=np.float64)
+        return self.module.signature_array()
+
     def _bulk_cpm(
         self, bulk: AnnData, layer: str | None, allow_missing: bool = False
     ) -> tuple[np.ndarray, np.ndarray, dict]:
@@ -219,7 +226,7 @@ class ReferenceMixin:
         if not found.all():
             self._check_missing_genes(bulk, found)
             # the CPM is over the genes the bulk has; S's is over all: put the bulk on S's scale
-            shares = self.module.signature_array()[found].sum(axis=0) / CPM_SCALE
+            shares = self._served_signature()[found].sum(axis=0) / CPM_SCALE
             cpm *= float(shares.mean())
         logger.info(
             "Genes: %d of %d reference genes found, %d extra bulk genes ignored, %d reference "
