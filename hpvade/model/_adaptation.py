@@ -11,7 +11,7 @@ from anndata import AnnData
 from scvi import settings
 
 from hpvade._estimator import ProportionEstimator
-from hpvade._signature_fit import adapt_to_cohort
+from hpvade._signature_fit import ADAPT_OPTIONS, adapt_to_cohort
 from hpvade.data._bulk import as_bulk_anndata
 from hpvade.model._fitted_state import reset_fitted_state
 
@@ -99,6 +99,7 @@ class AdaptationMixin:
         ``n_rounds_run``, held-out ``validation_error`` (weighted squared error with the
         unadapted and the adapted S), sample counts and the settings.
         """
+        settings_given = dict(locals())  # adapt's numerical settings, kept in adaptation_
         cpm, _, _ = self._bulk_cpm(as_bulk_anndata(bulk), layer)
         if cpm.shape[0] < MIN_ADAPT_SAMPLES:
             raise ValueError(
@@ -122,14 +123,7 @@ class AdaptationMixin:
             )
         self._restore_reference_state()
         reset_fitted_state(self, "adapt")
-        options = {
-            "n_rounds": n_rounds,
-            "prior_strength": prior_strength,
-            "validation_fraction": validation_fraction,
-            "tolerance": tolerance,
-            "gene_factor": gene_factor,
-            "factor_shrinkage": factor_shrinkage,
-        }
+        options = {name: settings_given[name] for name in ADAPT_OPTIONS}
         rng = np.random.default_rng((settings.seed or 0) if seed is None else seed)
         self.module.eval()
         prior = ProportionEstimator(self._adaptation_prior(), self.estimator().fit_genes)
