@@ -1,5 +1,7 @@
 """References opened with backed="r" give the same signature and pseudobulks as in memory."""
 
+import warnings
+
 import anndata as ad
 import numpy as np
 import pytest
@@ -40,3 +42,32 @@ def test_backed_reference_matches_in_memory(tmp_path, with_counts):
         )
     finally:
         backed.file.close()
+
+
+def test_a_backed_bulk_is_deconvolved_chunk_by_chunk(trained, test_bulk, tmp_path, monkeypatch):
+    """Same proportions, scores and flag as the bulk in memory, read a few samples at a time."""
+    import hpvade.model._deconvolution as deconvolution
+
+    bulk = test_bulk[:60].copy()
+    path = tmp_path / "bulk.h5ad"
+    bulk.write_h5ad(path)
+    in_memory = bulk.copy()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        expected = trained.get_proportions(in_memory, n_draws=3)
+    monkeypatch.setattr(deconvolution, "BACKED_CHUNK_VALUES", 25 * bulk.n_vars)  # 3 chunks
+    backed = ad.read_h5ad(path, backed="r")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        result = trained.get_proportions(backed, n_draws=3)
+    np.testing.assert_allclose(result.to_numpy(), expected.to_numpy(), atol=1e-12)
+    assert list(result.index) == list(bulk.obs_names)
+    for key in ("hpvade_fit_score", "hpvade_unexplained_score", "hpvade_unexplained"):
+        expected_values = in_memory.obs[key].to_numpy(float)
+        # float32 scores: the matmul's blocking depends on the batch, hence rtol
+        np.testing.assert_allclose(backed.obs[key].to_numpy(float), expected_values, rtol=1e-5)
+    np.testing.assert_allclose(
+        backed.obsm["hpvade_proportions_upper"], in_memory.obsm["hpvade_proportions_upper"]
+    )
+    assert "hpvade_gene_report" in backed.uns and "hpvade_unknown_fraction" in backed.obs
+    assert backed.isbacked  # the user's data stays on disk

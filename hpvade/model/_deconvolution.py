@@ -37,6 +37,8 @@ DEFAULT_BATCH_SIZE = 1024
 #: flag also marks a few per cent of samples the reference does explain
 #: (``benchmarks/results/unknown.md``), which alone is no reason to alarm.
 UNEXPLAINED_WARN_SHARE = 0.1
+#: A backed bulk is deconvolved this many values (samples × genes) at a time.
+BACKED_CHUNK_VALUES = 20_000_000
 #: A gene the robust fit set aside in at least this share of samples is named in the report.
 SET_ASIDE_REPORTED = 0.5
 
@@ -96,7 +98,10 @@ class DeconvolutionMixin:
             AnnData, or a DataFrame with genes as columns (then only the returned DataFrame
             carries results). Genes are matched by name; extra genes are ignored. A bulk that
             lacks some of the model's genes is fitted on the selected genes it has (a warning
-            above 10 % of them missing; an error below 3 a cell type).
+            above 10 % of them missing; an error below 3 a cell type). A bulk opened with
+            ``anndata.read_h5ad(path, backed="r")`` is read and deconvolved a chunk of samples
+            at a time, so memory stays bounded whatever its size; the unknown fraction and the
+            gene report are then each chunk's (the report: the first's).
         layer
             Layer of ``bulk`` with the values; ``None`` uses ``bulk.X``.
         key_added
@@ -175,6 +180,11 @@ class DeconvolutionMixin:
         rounds = n_rounds if method == "fit" else 0
         keys = result_keys(key_added)
         bulk = as_bulk_anndata(bulk)
+        if bulk.isbacked:
+            options = {"layer": layer, "key_added": key_added, "batch_size": batch_size,
+                       "method": method, "n_rounds": n_rounds, "kind": kind,
+                       "n_draws": n_draws, "state_aware": state_aware}  # fmt: skip
+            return self._proportions_by_chunk(bulk, options)
         cpm, found, report = self._bulk_cpm(bulk, layer, allow_missing=True)
         bulk.uns[keys["gene_report"]] = report
         fit = self._served_fit(cpm, batch_size, rounds, found)
@@ -279,6 +289,9 @@ class DeconvolutionMixin:
             return
         flagged = score > self.unexplained_threshold_
         bulk.obs[keys["unexplained"]] = flagged
+        self._warn_if_unexplained(flagged, keys)
+
+    def _warn_if_unexplained(self, flagged: np.ndarray, keys: dict[str, str]) -> None:
         if flagged.mean() > UNEXPLAINED_WARN_SHARE:
             warnings.warn(
                 f"{int(flagged.sum())} of {flagged.size} bulk samples ({flagged.mean():.0%}) are "
@@ -290,8 +303,8 @@ class DeconvolutionMixin:
                 "between the reference and the bulk (try `model.adapt(bulk)`), or values on the "
                 "wrong scale.",
                 UserWarning,
-                # past this helper, get_proportions and its keyword wrapper: the user's line
-                stacklevel=settings.warnings_stacklevel + 2,
+                # past this helper, its caller, get_proportions and its keyword wrapper
+                stacklevel=settings.warnings_stacklevel + 3,
             )
 
     def _write_intervals(self, bulk, cpm, mixture, kind, key_added, n_draws, n_rounds, found):
@@ -311,3 +324,40 @@ class DeconvolutionMixin:
         bulk.obsm[f"{key_added}_std"] = pd.DataFrame(draws.std(axis=0), index, columns)
         bulk.obsm[f"{key_added}_lower"] = pd.DataFrame(lower, index, columns)
         bulk.obsm[f"{key_added}_upper"] = pd.DataFrame(upper, index, columns)
+
+    def _proportions_by_chunk(self, bulk: AnnData, options: dict) -> pd.DataFrame:
+        """A backed bulk (``anndata.read_h5ad(path, backed="r")``), ``BACKED_CHUNK_VALUES``
+        values at a time: each chunk of samples is read into memory and deconvolved as an
+        in-memory bulk, and only its results are kept, so memory stays bounded whatever the
+        cohort's size. The cohort statistics (the unknown fraction's genes, the gene report)
+        are those of each chunk (the report: of the first)."""
+        keys = result_keys(options["key_added"])
+        per_chunk = max(1, BACKED_CHUNK_VALUES // max(bulk.n_vars, 1))
+        obs, obsm, uns, flagged = [], {}, {}, []
+        for start in range(0, bulk.n_obs, per_chunk):
+            part = bulk[start : start + per_chunk].to_memory()
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                self.get_proportions(part, **options)
+            for warning in caught:  # the others once; the unexplained warning for all below
+                if "not explained by the reference" not in str(warning.message):
+                    stacklevel = settings.warnings_stacklevel + 2  # the user's line
+                    warnings.warn(warning.message, warning.category, stacklevel=stacklevel)
+            written = [k for k in keys.values() if k in part.obs]
+            obs.append(part.obs[written])
+            added = options["key_added"]
+            for key in [added] + [f"{added}_{end}" for end in ("std", "lower", "upper")]:
+                if key in part.obsm:
+                    obsm.setdefault(key, []).append(part.obsm[key])
+            uns = uns or {k: part.uns[k] for k in (keys["gene_report"], keys["estimator"])}
+            if keys["unexplained"] in part.obs:
+                flagged.append(part.obs[keys["unexplained"]].to_numpy())
+            logger.info("Samples %d-%d of %d deconvolved.", start, start + part.n_obs, bulk.n_obs)
+        for column, values in pd.concat(obs).items():
+            bulk.obs[column] = values.to_numpy()
+        for key, frames in obsm.items():
+            bulk.obsm[key] = pd.concat(frames).set_axis(bulk.obs_names)
+        bulk.uns.update(uns)
+        if flagged:
+            self._warn_if_unexplained(np.concatenate(flagged), keys)
+        return bulk.obsm[options["key_added"]].copy()
