@@ -6,7 +6,7 @@ from hpvade import _compat, baselines, datasets, metrics, pl, pp, tl  # noqa: F4
 from hpvade._exceptions import NonFiniteLossError, ScaleMismatchError
 from hpvade.model import HPVADE
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 logging.getLogger(__name__).addHandler(logging.NullHandler())
 
