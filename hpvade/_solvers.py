@@ -15,6 +15,7 @@ import numpy as np
 from scipy.stats import rankdata
 
 from hpvade._constants import CPM_SCALE
+from hpvade.data._kernels import row_medians
 
 #: Re-weighting rounds of the served fit (``refine_steps`` of ``get_proportions``).
 DEFAULT_REFINE_STEPS = 30
@@ -89,12 +90,16 @@ def _scaled_start(initial: np.ndarray, gram: np.ndarray, linear: np.ndarray) -> 
     return np.clip(coef, 0.0, None, out=coef)
 
 
-def _log_ratio_deviation(bulk: np.ndarray, fitted: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _log_ratio_deviation(
+    bulk: np.ndarray, fitted: np.ndarray, log_bulk: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """Each gene's ``log2((b + 1) / (fitted + 1))`` minus the sample's median ratio, and the
-    sample's robust standard deviation of the ratios (1.4826 × MAD)."""
-    ratio = np.log2((bulk + 1.0) / (fitted + 1.0))
-    deviation = ratio - np.median(ratio, axis=1, keepdims=True)
-    return deviation, 1.4826 * np.median(np.abs(deviation), axis=1, keepdims=True)
+    sample's robust standard deviation of the ratios (1.4826 × MAD). ``log_bulk``:
+    ``log2(bulk + 1)`` when the caller has it (the robust fit computes it once)."""
+    ratio = np.log2(fitted + 1.0)
+    np.subtract(np.log2(bulk + 1.0) if log_bulk is None else log_bulk, ratio, out=ratio)
+    ratio -= row_medians(ratio)
+    return ratio, 1.4826 * row_medians(np.abs(ratio))
 
 
 def variance_power(
@@ -103,15 +108,17 @@ def variance_power(
     kept: np.ndarray,
     n_bins: int = VARIANCE_POWER_BINS,
     power_range: tuple[float, float] = VARIANCE_POWER_RANGE,
+    log_fitted: np.ndarray | None = None,
 ) -> np.ndarray:
     """Per sample, the power ``a`` of ``Var(bulk_g) ∝ fitted_g^a`` measured from the residuals.
 
     The kept genes are binned by log fitted value (``n_bins`` equal widths per sample); ``a`` is
     the count-weighted least-squares slope of ``2 log mean|bulk - fitted|`` on the bins' mean
     log fitted value (the mean-variance trend, as voom or DESeq2 measure one), clipped to
-    ``power_range``. Returns samples × 1.
+    ``power_range``. Returns samples × 1. ``log_fitted``: ``log(fitted)`` when the caller has
+    it.
     """
-    x = np.log(fitted)
+    x = np.log(fitted) if log_fitted is None else log_fitted
     low = np.where(kept, x, np.inf).min(axis=1, keepdims=True)
     high = np.where(kept, x, -np.inf).max(axis=1, keepdims=True)
     low[~np.isfinite(low)] = 0.0  # a sample with no kept gene: slope 0, clipped
@@ -188,8 +195,10 @@ def robust_dampened_fit(
     bulk = np.asarray(bulk, dtype=float)
     signature = np.asarray(signature, dtype=float)
     n_genes, n_types = signature.shape
-    # products of signature rows, so that every sample's Gram matrix is one matmul
-    outer = (signature[:, :, None] * signature[:, None, :]).reshape(n_genes, n_types**2)
+    # products of signature columns, the upper triangle only (the Gram matrices are
+    # symmetric), so that every sample's Gram matrix is one matmul
+    upper = np.triu_indices(n_types)
+    outer = signature[:, upper[0]] * signature[:, upper[1]]
     weights = np.ones_like(bulk)
     gram = signature.T @ signature
     linear = bulk @ signature
@@ -198,22 +207,35 @@ def robust_dampened_fit(
     else:
         coef = _coordinate_descent(gram, linear, _scaled_start(initial, gram, linear))
     floor = 1e-3 * bulk.mean(axis=1, keepdims=True)
+    log_bulk = np.log2(bulk + 1.0)  # the log ratios' bulk side, once for every round
     active = np.arange(bulk.shape[0])  # samples whose coefficients still move
     for _ in range(n_rounds):
         if active.size == 0:
             break
-        b, c = bulk[active], coef[active]
+        every = active.size == bulk.shape[0]  # no copy while every sample is still active
+        b, c = (bulk, coef.copy()) if every else (bulk[active], coef[active])
         fitted = c @ signature.T
-        deviation, spread = _log_ratio_deviation(b, fitted)
-        u = deviation / (tukey_cutoff * (spread + 1e-9))
-        biweight = np.where(np.abs(u) < 1.0, (1.0 - u**2) ** 2, 0.0)
-        fitted = np.maximum(fitted, floor[active])
-        power = variance_power(b, fitted, biweight > 0) if estimate_power else 2.0
-        w = fitted**-power
-        np.minimum(w, weight_cap * np.median(w, axis=1, keepdims=True), out=w)
+        u, spread = _log_ratio_deviation(b, fitted, log_bulk if every else log_bulk[active])
+        u /= tukey_cutoff * (spread + 1e-9)
+        # Tukey's biweight (1 - u²)² inside |u| < 1, 0 outside, in place
+        biweight = np.square(u, out=u)
+        np.subtract(1.0, biweight, out=biweight)
+        np.maximum(biweight, 0.0, out=biweight)
+        np.square(biweight, out=biweight)
+        np.maximum(fitted, floor[active], out=fitted)
+        log_fitted = np.log(fitted)
+        if estimate_power:
+            power = variance_power(b, fitted, biweight > 0, log_fitted=log_fitted)
+        else:
+            power = 2.0
+        log_fitted *= -power
+        w = np.exp(log_fitted, out=log_fitted)  # fitted ** -power
+        np.minimum(w, weight_cap * row_medians(w), out=w)
         w *= biweight
         weights[active] = w
-        gram = (w @ outer).reshape(-1, n_types, n_types)
+        gram = np.empty((w.shape[0], n_types, n_types))
+        gram[:, upper[0], upper[1]] = w @ outer
+        gram[:, upper[1], upper[0]] = gram[:, upper[0], upper[1]]
         # warm-started and re-weighted next round anyway: a loose solve per round suffices
         new = _coordinate_descent(gram, (b * w) @ signature, c.copy(), 20, 1e-7)
         change = np.abs(new - c).sum(axis=1) / np.maximum(np.abs(c).sum(axis=1), 1e-300)

@@ -234,3 +234,23 @@ def test_every_written_key_follows_key_added_and_refine_steps_is_deprecated(trai
     np.testing.assert_array_equal(old, second)
     with pytest.raises(ValueError, match='`method` must be "fit" or "network"'):
         trained.get_proportions(bulk.copy(), method="nnls")
+
+
+@pytest.mark.parametrize("estimate_power", [True, False])
+def test_the_faster_robust_fit_gives_the_same_answers(estimate_power):
+    """The robust fit's speed-ups (row medians in a compiled kernel, log(bulk + 1) once,
+    symmetric Gram products) against the fit as it was at 0.2.0 (tests/_frozen_robust_fit.py)."""
+    from ._frozen_robust_fit import robust_dampened_fit as frozen
+
+    rng = np.random.default_rng(1)
+    signature = rng.gamma(0.5, 1.0, size=(400, 8)) * 50
+    signature = signature / signature.sum(axis=0) * 1e6
+    truth = rng.dirichlet(np.ones(8), 300)
+    noise = rng.lognormal(0, 0.5, size=(300, 400))
+    bulk = rng.poisson(truth @ signature.T * noise + 0.1).astype(float)
+    bulk = bulk / bulk.sum(axis=1, keepdims=True) * 1e6
+    start = rng.dirichlet(np.ones(8), 300)
+    expected = frozen(bulk, signature, start, estimate_power=estimate_power)
+    found = robust_dampened_fit(bulk, signature, start, estimate_power=estimate_power)
+    np.testing.assert_allclose(found[0], expected[0], atol=1e-6 * expected[0].max())
+    np.testing.assert_allclose(found[1], expected[1], rtol=1e-6, atol=1e-12)

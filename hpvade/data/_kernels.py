@@ -1,4 +1,5 @@
-"""Compiled kernels for the one product scipy does slowly: summing sampled sparse rows.
+"""Compiled kernels where numpy and scipy are slow: summing sampled sparse rows, and the
+median of every row of a matrix (one row per thread).
 
 ``counts @ X`` with a sparse (samples × cells) ``counts`` and a sparse (cells × genes) ``X`` is a
 sparse × sparse product whose result is nearly dense. scipy builds that result as a sparse
@@ -36,3 +37,20 @@ def add_sampled_rows(out: np.ndarray, counts, block) -> None:
         block.indices,
         block.data,
     )
+
+
+@njit(parallel=True, cache=True)
+def _row_medians(x, out):
+    for row in prange(x.shape[0]):
+        out[row] = np.median(x[row])
+
+
+def row_medians(x: np.ndarray) -> np.ndarray:
+    """``np.median(x, axis=1, keepdims=True)`` of a 2-D float64 array, the rows shared among
+    threads (numpy partitions one row after another on one core)."""
+    out = np.empty(x.shape[0])
+    if x.shape[1] == 0:
+        out[:] = np.nan
+    else:
+        _row_medians(np.ascontiguousarray(x, dtype=np.float64), out)
+    return out[:, None]
