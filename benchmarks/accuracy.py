@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import datetime
 import functools
 import io
 import os
@@ -30,6 +29,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(1, str(HERE / ".deps"))  # TAPE lives in the benchmark's own site dir
 
+from provenance import stamp  # noqa: E402
 from scenarios import MISSING_TYPE, make_scenarios, pbmc_split  # noqa: E402
 
 import hpvade  # noqa: E402
@@ -37,6 +37,9 @@ from hpvade.data._bulk import bulk_to_cpm  # noqa: E402
 from hpvade.datasets import PBMC_LABELS_KEY as LABELS  # noqa: E402
 
 SEED = 0
+
+#: The code that runs, stamped when the run starts (before any edit during it).
+PRODUCED_BY = stamp()
 
 
 # ------------------------------------------------------------------------------------ methods
@@ -299,7 +302,8 @@ def write_report(table, ablation, notes, train_seconds, peer_seconds, mode, out:
     lines = [
         "# Accuracy benchmark",
         "",
-        f"Date: {datetime.date.today()}. Python {platform.python_version()}, torch "
+        f"Produced by `benchmarks/accuracy.py` at {PRODUCED_BY}. Python "
+        f"{platform.python_version()}, torch "
         f"{torch.__version__}, scvi-tools {scvi.__version__}, hpvade {hpvade.__version__}."
         f" Machine: {os.cpu_count()} CPU cores. Mode: {mode}.",
         "",
