@@ -29,10 +29,14 @@ from scipy.stats import spearmanr
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
+from provenance import stamp  # noqa: E402
 from scenarios import _with_x, simulate, without_type  # noqa: E402
 
 import hpvade  # noqa: E402
 from hpvade.data._bulk import bulk_to_cpm  # noqa: E402
+
+#: The code that runs, stamped when the run starts (before any edit during it).
+PRODUCED_BY = stamp()
 
 LABELS = "bulk_labels"
 
@@ -132,7 +136,8 @@ def main() -> None:
         [
             "# Robustness: held-out PBMC scenarios off the pseudobulk distribution",
             "",
-            f"Seeds {seeds}; default training. Produced by `benchmarks/robustness.py`. Pearson r "
+            f"Seeds {seeds}; default training. Produced by `benchmarks/robustness.py` at "
+            f"{PRODUCED_BY}. Pearson r "
             "over all (sample, type) pairs on the types the reference knows.",
             "",
             summary.round(3).to_markdown(),
