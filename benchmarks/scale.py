@@ -14,7 +14,6 @@ for a quick look).
 from __future__ import annotations
 
 import argparse
-import datetime
 import os
 import platform
 import threading
@@ -28,10 +27,13 @@ import pandas as pd
 import scipy.sparse as sp
 import scvi
 import torch
+from provenance import stamp
 
 import hpvade
 
 HERE = Path(__file__).resolve().parent
+#: The code that runs, stamped when the run starts (before any edit during it).
+PRODUCED_BY = stamp()
 LABELS = "cell_type"
 N_GENES, N_TYPES = 5_000, 20
 N_BULK, CELLS_PER_BULK = 10_000, 500
@@ -292,7 +294,8 @@ def main() -> None:
     lines = [
         "# Scale benchmark",
         "",
-        f"Date: {datetime.date.today()}. Python {platform.python_version()}, torch "
+        f"Produced by `benchmarks/scale.py` at {PRODUCED_BY}. Python "
+        f"{platform.python_version()}, torch "
         f"{torch.__version__} ({torch.get_num_threads()} threads), scvi-tools {scvi.__version__}, "
         f"hpvade {hpvade.__version__}. Machine: {os.cpu_count()} CPU cores, {accelerator()}. "
         f"Run time {time.perf_counter() - started:.0f} s.",
