@@ -127,7 +127,7 @@ def readings(model: hpvade.HPVADE, bulk: ad.AnnData) -> dict:
         warnings.simplefilter("always")
         model.get_proportions(served)
     warned = any("not explained by the reference" in str(w.message) for w in caught)
-    cpm, found = model._bulk_cpm(bulk.copy(), None, allow_missing=True)
+    cpm, found, _ = model._bulk_cpm(bulk.copy(), None, allow_missing=True)
     signature = model.get_signature().to_numpy()
     return {
         "hpvade": served.obs["hpvade_unknown_fraction"].to_numpy(),
