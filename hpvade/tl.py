@@ -8,10 +8,10 @@ import numpy as np
 import pandas as pd
 from anndata import AnnData
 
-from hpvade._constants import CPM_SCALE
 from hpvade._estimator import ProportionEstimator
 from hpvade._solvers import DEFAULT_REFINE_STEPS
-from hpvade.data._bulk import as_bulk_anndata, bulk_to_cpm
+from hpvade.data._bulk import as_bulk_anndata, bulk_to_cpm, on_signature_scale
+from hpvade.data._signature import scale_columns_to_cpm
 
 __all__ = ["fit_proportions", "signature_markers"]
 
@@ -52,12 +52,10 @@ def fit_proportions(
     contributes.
     """
     bulk = as_bulk_anndata(bulk)
-    values = signature.to_numpy(dtype=float)
-    values = values * (CPM_SCALE / values.sum(axis=0, keepdims=True))
+    values = scale_columns_to_cpm(signature.to_numpy(dtype=float))
     cpm = bulk_to_cpm(bulk, signature.index, layer, allow_missing=True)
     found = np.asarray(signature.index.isin(bulk.var_names))
-    if not found.all():  # the CPM is over the genes the bulk has: put it on S's scale
-        cpm *= float(values[found].sum(axis=0).mean() / CPM_SCALE)
+    on_signature_scale(cpm, values, found)
     used = np.ones(len(signature), dtype=bool) if genes is None else signature.index.isin(genes)
     initial = np.full((cpm.shape[0], values.shape[1]), 1.0 / values.shape[1])
     fit = ProportionEstimator(values, used).fit(cpm, initial, n_rounds, found)

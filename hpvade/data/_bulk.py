@@ -9,6 +9,7 @@ import pandas as pd
 import scipy.sparse as sp
 from anndata import AnnData
 
+from hpvade._constants import CPM_SCALE
 from hpvade.data._matrix import check_finite_non_negative, get_matrix
 from hpvade.data._pseudobulk import cpm_rows
 
@@ -68,6 +69,13 @@ def gene_mismatch_hint(bulk: AnnData, genes: pd.Index) -> str:
             )
         )
     return ""
+
+
+def on_signature_scale(cpm: np.ndarray, signature: np.ndarray, found: np.ndarray) -> None:
+    """Put a bulk's CPM, taken over the genes it has (``found``), on the scale of a signature's
+    CPM over all its genes (in place): times the mean share of those genes in S's columns."""
+    if not found.all():
+        cpm *= float((signature[found].sum(axis=0) / CPM_SCALE).mean())
 
 
 def as_bulk_anndata(bulk) -> AnnData:

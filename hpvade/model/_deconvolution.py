@@ -187,18 +187,22 @@ class DeconvolutionMixin:
             return self._proportions_by_chunk(bulk, options)
         cpm, found, report = self._bulk_cpm(bulk, layer, allow_missing=True)
         bulk.uns[keys["gene_report"]] = report
-        fit = self._served_fit(cpm, batch_size, rounds, found)
+        estimator = self.estimator()  # the network's output starts its fit
+        initial = self.module.predict_proportions(cpm, batch_size or DEFAULT_BATCH_SIZE)
+        fit = estimator.fit(cpm, initial, rounds, found)
         if state_aware:
             fit = self._state_aware_fit(cpm, fit, found)
         mixture = fit.proportions
-        unknown_rna = self.estimator().unknown_share(cpm, fit, found)
+        unknown_rna = estimator.unknown_share(cpm, fit, found)
         proportions, unknown = self._convert_kind(mixture, kind, unknown_rna)
         self._report_set_aside(report, fit.set_aside, found)
         result = pd.DataFrame(proportions, index=bulk.obs_names.copy(), columns=self.cell_types)
         bulk.obsm[key_added] = result
         bulk.obs[keys["unknown_fraction"]] = unknown
         bulk.uns[keys["estimator"]] = {
-            **self._estimator_description(rounds),
+            "estimator": estimator.name if rounds > 0 else "network",
+            "adapted": self.gene_weights_ is not None,
+            "n_rounds": int(rounds),
             "state_aware": bool(state_aware),
         }
         signature = self._served_signature()
@@ -235,23 +239,6 @@ class DeconvolutionMixin:
             return
         genes = self.var_names[self._fit_gene_index(found)]
         report["set_aside_genes"] = [str(g) for g in genes[set_aside >= SET_ASIDE_REPORTED]]
-
-    def _estimator_description(self, n_rounds: int) -> dict:
-        name = "network" if n_rounds <= 0 else self.estimator().name
-        adapted = self.gene_weights_ is not None
-        return {"estimator": name, "adapted": adapted, "n_rounds": int(n_rounds)}
-
-    def _served_fit(
-        self,
-        cpm: np.ndarray,
-        batch_size: int | None,
-        n_rounds: int,
-        found: np.ndarray | None = None,
-    ) -> ProportionFit:
-        """The served fit: the network's output, fitted to the bulk by :meth:`estimator` on
-        the genes it has."""
-        initial = self.module.predict_proportions(cpm, batch_size or DEFAULT_BATCH_SIZE)
-        return self.estimator().fit(cpm, initial, n_rounds, found)
 
     def _state_aware_fit(self, cpm: np.ndarray, fit: ProportionFit, found) -> ProportionFit:
         """The robust fit with every cell state as a column, started from ``fit`` spread over

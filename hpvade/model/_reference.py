@@ -12,8 +12,8 @@ import torch
 from anndata import AnnData
 from scvi import REGISTRY_KEYS, settings
 
-from hpvade._constants import CPM_SCALE, GENE_REPORT_KEY
-from hpvade.data._bulk import bulk_to_cpm, gene_mismatch_hint, gene_report
+from hpvade._constants import GENE_REPORT_KEY
+from hpvade.data._bulk import bulk_to_cpm, gene_mismatch_hint, gene_report, on_signature_scale
 from hpvade.data._genes import resolve_gene_selection, wilcoxon_markers
 from hpvade.data._labels import indicator_matrix
 from hpvade.data._matrix import get_matrix
@@ -204,7 +204,7 @@ class ReferenceMixin:
     def _served_signature(self) -> np.ndarray:
         """The S that proportions are fitted with (genes × types, float64): adapt's exactly
         after ``adapt``, otherwise the module's."""
-        if getattr(self, "adapted_signature_", None) is not None:
+        if self.adapted_signature_ is not None:
             return np.asarray(self.adapted_signature_, dtype=np.float64)
         return self.module.signature_array()
 
@@ -225,9 +225,7 @@ class ReferenceMixin:
         report = gene_report(bulk, self.var_names, cpm, self.selected_genes_)
         if not found.all():
             self._check_missing_genes(bulk, found)
-            # the CPM is over the genes the bulk has; S's is over all: put the bulk on S's scale
-            shares = self._served_signature()[found].sum(axis=0) / CPM_SCALE
-            cpm *= float(shares.mean())
+            on_signature_scale(cpm, self._served_signature(), found)
         logger.info(
             "Genes: %d of %d reference genes found, %d extra bulk genes ignored, %d reference "
             "genes zero in every sample.",
