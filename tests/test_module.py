@@ -21,3 +21,29 @@ def test_no_grad_error_equals_differentiable_error():
     with torch.no_grad():
         fast = bulk_reconstruction_error(bulk, truth, signature)
     torch.testing.assert_close(fast, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_terms_of_weight_zero_are_logged_without_a_graph():
+    """A loss term of weight 0 changes no gradient: it is computed for the log only, so the
+    backward pass skips it; with a weight it is part of the graph."""
+    from scvi import REGISTRY_KEYS
+
+    from hpvade._constants import BULK_KEY, BULK_PROPORTIONS_KEY
+    from hpvade.module import HPVADEModule
+
+    bulk, signature, truth = _problem(n_samples=8, n_genes=50, n_types=3)
+    cells = torch.log1p(torch.rand(16, 50) * 5)
+    tensors = {
+        REGISTRY_KEYS.X_KEY: cells,
+        REGISTRY_KEYS.LABELS_KEY: torch.randint(0, 3, (16, 1)),
+        BULK_KEY: bulk,
+        BULK_PROPORTIONS_KEY: truth,
+    }
+    for weight, expected in ((0.0, False), (1.0, True)):
+        module = HPVADEModule(50, 3, signature=signature.numpy(), prototype_weight=weight,
+                              bulk_weight=weight, learn_signature=True)  # fmt: skip
+        _, _, output = module(tensors)
+        assert output.extra_metrics["prototype_loss"].requires_grad is expected
+        assert output.extra_metrics["bulk_loss"].requires_grad is expected
+        assert output.extra_metrics["proportion_loss"].requires_grad
+        assert torch.isfinite(output.loss)

@@ -16,6 +16,11 @@ from hpvade._constants import BULK_KEY, BULK_PROPORTIONS_KEY, COUNTS_KEY, CPM_SC
 from hpvade.module._losses import anscombe, bulk_reconstruction_error
 
 
+def _graph_if(needed: bool) -> torch.autograd.grad_mode.set_grad_enabled:
+    """Autograd on as it is, or off where the term's gradient would be multiplied by 0."""
+    return torch.set_grad_enabled(torch.is_grad_enabled() and needed)
+
+
 class HPVADEModule(BaseModuleClass):
     """Hierarchical Prototype VAE for deconvolution.
 
@@ -217,7 +222,9 @@ class HPVADEModule(BaseModuleClass):
         # each cell's prototype as a one-hot product: its gradient is a matrix product, where
         # indexing S.T[labels] scatters back through a slow index_put (4 % of a CPU step)
         one_hot = F.one_hot(labels, self.n_labels).to(signature.dtype)
-        prototype = F.mse_loss(anscombe(cell_cpm), one_hot @ anscombe(signature).T)
+        # a term of weight 0 is only logged: no graph for it, so no backward pass through it
+        with _graph_if(self.use_vae and self.prototype_weight != 0):
+            prototype = F.mse_loss(anscombe(cell_cpm), one_hot @ anscombe(signature).T)
 
         # reconstruction_loss and kl_local are logged by scvi-tools' ELBO metric already.
         metrics = {"prototype_loss": prototype}
@@ -230,7 +237,8 @@ class HPVADEModule(BaseModuleClass):
         if BULK_KEY in tensors and "proportions" in inference_outputs:
             bulk = tensors[BULK_KEY]
             proportions = inference_outputs["proportions"]
-            bulk_loss = bulk_reconstruction_error(bulk, proportions, signature).mean()
+            with _graph_if(self.bulk_weight != 0):
+                bulk_loss = bulk_reconstruction_error(bulk, proportions, signature).mean()
             proportion_loss = F.mse_loss(proportions, tensors[BULK_PROPORTIONS_KEY])
             metrics["bulk_loss"] = bulk_loss
             metrics["proportion_loss"] = proportion_loss
