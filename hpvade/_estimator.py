@@ -13,8 +13,8 @@ from hpvade._solvers import (
     DEFAULT_REFINE_STEPS,
     ProportionFit,
     fit_proportions,
-    unknown_share,
 )
+from hpvade._unknown import unknown_share
 from hpvade.data._signature import scale_columns_to_cpm
 
 
@@ -89,9 +89,8 @@ class ProportionEstimator:
         self, cpm: np.ndarray, fit: ProportionFit, found: np.ndarray | None = None
     ) -> np.ndarray:
         """The share of each sample's expression the signature's types cannot explain (see
-        :func:`hpvade._solvers.unknown_share`), on the genes the bulk has."""
+        :func:`hpvade._unknown.unknown_share`), on the genes the bulk has."""
         signature = self.signature
         if found is not None and not found.all():
             cpm, signature = cpm[:, found], signature[found]
-        coefficients = fit.proportions * fit.explained[:, None]
-        return unknown_share(cpm, coefficients @ signature.T)
+        return unknown_share(cpm, fit.proportions * fit.explained[:, None], signature)

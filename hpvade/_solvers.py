@@ -12,9 +12,7 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import numpy as np
-from scipy.stats import rankdata
 
-from hpvade._constants import CPM_SCALE
 from hpvade.data._kernels import row_medians
 
 #: Re-weighting rounds of the served fit (``refine_steps`` of ``get_proportions``).
@@ -34,15 +32,8 @@ TUKEY_CUTOFF = 3.0
 VARIANCE_POWER_RANGE = (1.0, 2.0)
 #: Bins of log fitted value in which the variance power is measured from the residuals.
 VARIANCE_POWER_BINS = 10
-#: The unknown fraction counts the genes the fit falls far short of in at least this share of
-#: the samples deconvolved together (one sample: its own such genes).
-UNEXPLAINED_COHORT_SHARE = 0.5
-#: ... of which those whose excess over the fit follows the others' (Spearman above this over
-#: the samples) count, in a cohort of at least ``UNEXPLAINED_MIN_COHORT`` samples.
-UNEXPLAINED_MIN_CORRELATION = 0.3
-UNEXPLAINED_MIN_COHORT = 10
-#: Samples per chunk of the unknown fraction's log ratios (memory, not results).
-UNEXPLAINED_CHUNK = 1024
+#: Samples fitted together by the robust fit (memory; results equal within its tolerance).
+FIT_CHUNK = 2048
 
 
 def _coordinate_descent(
@@ -90,7 +81,7 @@ def _scaled_start(initial: np.ndarray, gram: np.ndarray, linear: np.ndarray) -> 
     return np.clip(coef, 0.0, None, out=coef)
 
 
-def _log_ratio_deviation(
+def log_ratio_deviation(
     bulk: np.ndarray, fitted: np.ndarray, log_bulk: np.ndarray | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
     """Each gene's ``log2((b + 1) / (fitted + 1))`` minus the sample's median ratio, and the
@@ -194,6 +185,32 @@ def robust_dampened_fit(
     """
     bulk = np.asarray(bulk, dtype=float)
     signature = np.asarray(signature, dtype=float)
+    initial = None if initial is None else np.asarray(initial, dtype=float)
+    if bulk.shape[0] <= FIT_CHUNK:
+        return _robust_fit_rows(
+            bulk, signature, initial, n_rounds, weight_cap, tukey_cutoff, estimate_power
+        )
+    # every sample's fit is its own: a chunk of samples at a time bounds the working memory
+    coef = np.empty((bulk.shape[0], signature.shape[1]))
+    weights = np.empty_like(bulk)
+    for start in range(0, bulk.shape[0], FIT_CHUNK):
+        rows = slice(start, start + FIT_CHUNK)
+        coef[rows], weights[rows] = _robust_fit_rows(
+            bulk[rows],
+            signature,
+            None if initial is None else initial[rows],
+            n_rounds,
+            weight_cap,
+            tukey_cutoff,
+            estimate_power,
+        )
+    return coef, weights
+
+
+def _robust_fit_rows(
+    bulk, signature, initial, n_rounds, weight_cap, tukey_cutoff, estimate_power
+) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`robust_dampened_fit` on one chunk of samples."""
     n_genes, n_types = signature.shape
     # products of signature columns, the upper triangle only (the Gram matrices are
     # symmetric), so that every sample's Gram matrix is one matmul
@@ -215,7 +232,7 @@ def robust_dampened_fit(
         every = active.size == bulk.shape[0]  # no copy while every sample is still active
         b, c = (bulk, coef.copy()) if every else (bulk[active], coef[active])
         fitted = c @ signature.T
-        u, spread = _log_ratio_deviation(b, fitted, log_bulk if every else log_bulk[active])
+        u, spread = log_ratio_deviation(b, fitted, log_bulk if every else log_bulk[active])
         u /= tukey_cutoff * (spread + 1e-9)
         # Tukey's biweight (1 - u²)² inside |u| < 1, 0 outside, in place
         biweight = np.square(u, out=u)
@@ -278,60 +295,6 @@ def _rows_sum_to_one(coef: np.ndarray) -> np.ndarray:
     """Rescale rows to sum to 1; an all-zero row becomes uniform."""
     totals = coef.sum(axis=1, keepdims=True)
     return np.divide(coef, totals, out=np.full_like(coef, 1 / coef.shape[1]), where=totals > 0)
-
-
-def unknown_share(
-    bulk: np.ndarray,
-    fitted: np.ndarray,
-    cutoff: float = TUKEY_CUTOFF,
-    cohort_share: float = UNEXPLAINED_COHORT_SHARE,
-    min_correlation: float = UNEXPLAINED_MIN_CORRELATION,
-) -> np.ndarray:
-    """Per sample, the share of its expression (CPM / 1e6) that the fit falls short of in the
-    genes the reference cannot explain, a lower bound on the share of cells it lacks (they also
-    express genes the known types explain) that ranks samples by it.
-
-    Those genes are the cohort's: genes whose log ratio ``log2((b + 1) / (fitted + 1))``
-    exceeds their sample's median ratio by more than ``cutoff`` robust standard deviations
-    (MAD) in at least ``cohort_share`` of the samples, counted in every sample by how much the
-    bulk exceeds the fit there. With at least ``UNEXPLAINED_MIN_COHORT`` samples, only the
-    genes whose excess rises and falls with the others' (Spearman > ``min_correlation`` with
-    the samples' median relative excess) count: cells the reference lacks raise all their genes
-    together, while a steady gene-wise error (a protocol effect, a marker the learned S gets
-    wrong by a constant factor) does not follow them. A single sample counts its own genes.
-
-    It ranks samples by a missing type's share but reads far below it: the missing cells also
-    express genes the known types explain (``benchmarks/results/unknown.md``). One minus the
-    fit's coefficient sum (EPIC's and Rectangle's reading) fails where a similar known type
-    absorbs the missing one.
-    """
-    short = np.empty(bulk.shape, dtype=bool)
-    # the log ratios are per-sample statistics: in chunks of samples, to bound the memory
-    for start in range(0, bulk.shape[0], UNEXPLAINED_CHUNK):
-        rows = slice(start, start + UNEXPLAINED_CHUNK)
-        deviation, spread = _log_ratio_deviation(bulk[rows], fitted[rows])
-        short[rows] = deviation > cutoff * spread
-    genes = np.flatnonzero(short.mean(axis=0) >= cohort_share)
-    excess = np.clip(bulk[:, genes] - fitted[:, genes], 0.0, None)
-    if excess.shape[0] >= UNEXPLAINED_MIN_COHORT and genes.size > 2:
-        excess = excess[:, _follows_the_others(excess) > min_correlation]
-    return excess.sum(axis=1) / CPM_SCALE
-
-
-def _follows_the_others(excess: np.ndarray) -> np.ndarray:
-    """Per gene (column), the Spearman correlation over samples of its excess with the
-    samples' median excess relative to each gene's mean. Ranks and one product rather than
-    ``scipy.stats.spearmanr``, which would build the (genes + 1)² correlation matrix."""
-    scale = excess.mean(axis=0)
-    typical = np.median(excess / np.where(scale > 0, scale, 1.0), axis=1)
-    gene_ranks = rankdata(excess, axis=0)
-    gene_ranks -= gene_ranks.mean(axis=0)
-    sample_ranks = rankdata(typical)
-    sample_ranks -= sample_ranks.mean()
-    norm = np.sqrt((gene_ranks**2).sum(axis=0) * (sample_ranks**2).sum())
-    return np.divide(
-        sample_ranks @ gene_ranks, norm, out=np.zeros(excess.shape[1]), where=norm > 0
-    )
 
 
 class ProportionFit(NamedTuple):

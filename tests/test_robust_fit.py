@@ -10,7 +10,8 @@ import pytest
 from scipy.stats import spearmanr
 
 import hpvade
-from hpvade._solvers import robust_dampened_fit, unknown_share, variance_power
+from hpvade._solvers import robust_dampened_fit, variance_power
+from hpvade._unknown import unknown_share
 
 from .conftest import LABELS
 
@@ -98,16 +99,15 @@ def test_unknown_fraction_counts_genes_the_cohort_cannot_explain_together():
     bulk = bulk / bulk.sum(axis=1, keepdims=True) * 1e6
     fit_genes = np.arange(150)
     coef, _ = robust_dampened_fit(bulk[:, fit_genes], signature[fit_genes])
-    fitted = coef @ signature.T
 
     def spearman(share):
         return spearmanr(share, unknown).statistic
 
-    cohort = unknown_share(bulk, fitted)
+    cohort = unknown_share(bulk, coef, signature)
     # without the filter the quadrupled genes count in every sample
-    unfiltered = unknown_share(bulk, fitted, min_correlation=-2.0)
+    unfiltered = unknown_share(bulk, coef, signature, min_correlation=-2.0)
     # one sample at a time: each sample's own far-off genes
-    own = [unknown_share(bulk[i : i + 1], fitted[i : i + 1])[0] for i in range(100)]
+    own = [unknown_share(bulk[i : i + 1], coef[i : i + 1], signature)[0] for i in range(100)]
     # measured 0.68, 0.21 and 0.38 (seeds 0-4: 0.52-0.95, -0.07-0.27 and 0.02-0.48)
     assert spearman(cohort) >= 0.6
     assert spearman(cohort) > spearman(unfiltered) + 0.3
@@ -122,9 +122,9 @@ def test_unknown_fraction_does_not_depend_on_the_chunk_size(monkeypatch):
     fitted = truth @ signature.T
     bulk = fitted * np.exp(rng.normal(0, 0.2, fitted.shape))
     bulk[:, :20] *= 1 + 4 * rng.random(50)[:, None]  # unknown cells' genes, varying share
-    whole = unknown_share(bulk, fitted)
-    monkeypatch.setattr("hpvade._solvers.UNEXPLAINED_CHUNK", 7)
-    np.testing.assert_array_equal(unknown_share(bulk, fitted), whole)
+    whole = unknown_share(bulk, truth, signature)
+    monkeypatch.setattr("hpvade._unknown.UNEXPLAINED_CHUNK", 7)
+    np.testing.assert_array_equal(unknown_share(bulk, truth, signature), whole)
     assert (whole > 0).all()
 
 
@@ -237,10 +237,13 @@ def test_every_written_key_follows_key_added_and_refine_steps_is_deprecated(trai
 
 
 @pytest.mark.parametrize("estimate_power", [True, False])
-def test_the_faster_robust_fit_gives_the_same_answers(estimate_power):
+def test_the_faster_robust_fit_gives_the_same_answers(estimate_power, monkeypatch):
     """The robust fit's speed-ups (row medians in a compiled kernel, log(bulk + 1) once,
-    symmetric Gram products) against the fit as it was at 0.2.0 (tests/_frozen_robust_fit.py)."""
+    symmetric Gram products, chunks of samples) against the fit as it was at 0.2.0
+    (tests/_frozen_robust_fit.py)."""
     from ._frozen_robust_fit import robust_dampened_fit as frozen
+
+    monkeypatch.setattr("hpvade._solvers.FIT_CHUNK", 128)  # 300 samples: three chunks
 
     rng = np.random.default_rng(1)
     signature = rng.gamma(0.5, 1.0, size=(400, 8)) * 50
@@ -253,4 +256,18 @@ def test_the_faster_robust_fit_gives_the_same_answers(estimate_power):
     expected = frozen(bulk, signature, start, estimate_power=estimate_power)
     found = robust_dampened_fit(bulk, signature, start, estimate_power=estimate_power)
     np.testing.assert_allclose(found[0], expected[0], atol=1e-6 * expected[0].max())
-    np.testing.assert_allclose(found[1], expected[1], rtol=1e-6, atol=1e-12)
+    # the gene weights (1 / fitted^a) follow the coefficients within the solver's tolerance
+    np.testing.assert_allclose(found[1], expected[1], rtol=1e-5, atol=1e-12)
+    np.testing.assert_array_equal(found[1] == 0, expected[1] == 0)
+
+
+def test_the_robust_fit_by_chunks_of_samples_equals_one_call(monkeypatch):
+    rng = np.random.default_rng(5)
+    signature, truth = _mixtures(rng, n_samples=40)
+    bulk = truth @ signature.T * np.exp(rng.normal(0, 0.3, (40, signature.shape[0])))
+    whole_coef, whole_weights = robust_dampened_fit(bulk, signature, truth)
+    monkeypatch.setattr("hpvade._solvers.FIT_CHUNK", 7)
+    coef, weights = robust_dampened_fit(bulk, signature, truth)
+    # each sample's fit is its own; only the shared stopping rule of a solve differs
+    np.testing.assert_allclose(coef, whole_coef, rtol=1e-6, atol=1e-9)
+    np.testing.assert_array_equal(weights == 0, whole_weights == 0)

@@ -9,6 +9,9 @@ import torch
 
 #: Samples scored together without autograd: keeps the (samples × genes) intermediates in cache.
 ROW_BATCH_SIZE = 256
+#: Samples converted to float32 together by :func:`sample_scores` (a multiple of the above, so
+#: the row batches and so the scores are those of one call on the whole bulk).
+SCORE_CHUNK = 16 * ROW_BATCH_SIZE
 
 
 def anscombe(x: torch.Tensor) -> torch.Tensor:
@@ -46,10 +49,17 @@ def _anscombe_residual_score(
 @torch.no_grad()
 def sample_scores(score, bulk_cpm, proportions, signature) -> np.ndarray:
     """``score`` (:func:`bulk_reconstruction_error`, :func:`unexplained_expression`) of numpy
-    or torch inputs, as a float64 array (one value a sample)."""
+    or torch inputs, as a float64 array (one value a sample). Converted to float32 a chunk of
+    ``SCORE_CHUNK`` samples at a time, so no float32 copy of the whole bulk is held."""
     as_tensor = functools.partial(torch.as_tensor, dtype=torch.float32)
-    values = score(as_tensor(bulk_cpm), as_tensor(proportions), as_tensor(signature).cpu())
-    return values.double().numpy()
+    signature = as_tensor(signature).cpu()
+    parts = [
+        score(as_tensor(bulk_cpm[rows]), as_tensor(proportions[rows]), signature).double().numpy()
+        for rows in (
+            slice(start, start + SCORE_CHUNK) for start in range(0, len(bulk_cpm), SCORE_CHUNK)
+        )
+    ]
+    return np.concatenate(parts) if parts else np.zeros(0)
 
 
 def bulk_reconstruction_error(
