@@ -1,5 +1,6 @@
 """The module's fast paths agree with the plain differentiable expressions they replace."""
 
+import numpy as np
 import torch
 
 from hpvade.module import bulk_reconstruction_error
@@ -47,3 +48,16 @@ def test_terms_of_weight_zero_are_logged_without_a_graph():
         assert output.extra_metrics["bulk_loss"].requires_grad is expected
         assert output.extra_metrics["proportion_loss"].requires_grad
         assert torch.isfinite(output.loss)
+
+
+def test_sample_scores_by_chunks_equal_one_call(monkeypatch):
+    from hpvade.module._losses import sample_scores, unexplained_expression
+
+    bulk, signature, truth = _problem(n_samples=30, n_genes=50, n_types=3)
+    args = (bulk.double().numpy(), truth.double().numpy(), signature.double().numpy())
+    monkeypatch.setattr("hpvade.module._losses.ROW_BATCH_SIZE", 4)
+    whole = sample_scores(unexplained_expression, *args)
+    monkeypatch.setattr("hpvade.module._losses.SCORE_CHUNK", 8)
+    chunked = sample_scores(unexplained_expression, *args)
+    assert chunked.shape == (30,) and chunked.dtype == np.float64 and (whole > 0).all()
+    np.testing.assert_array_equal(chunked, whole)
