@@ -7,8 +7,6 @@ import ast
 import importlib
 from pathlib import Path
 
-import pytest
-
 import hpvade
 
 BENCHMARKS = sorted((Path(__file__).resolve().parents[1] / "benchmarks").glob("*.py"))
@@ -45,7 +43,6 @@ def test_benchmarks_import_what_hpvade_has():
                         obj = getattr(obj, part)
 
 
-@pytest.mark.usefixtures("trained")
 def test_benchmarks_use_only_attributes_a_trained_model_has(trained):
     """``model.<name>`` read in a benchmark exists on a trained model, unless the benchmark
     sets it itself."""

@@ -205,10 +205,9 @@ class DeconvolutionMixin:
             "n_rounds": int(rounds),
             "state_aware": bool(state_aware),
         }
-        signature = self._served_signature()
-        scores = sample_scores(bulk_reconstruction_error, cpm, mixture, signature)
+        scores = sample_scores(bulk_reconstruction_error, cpm, mixture, estimator.signature)
         bulk.obs[keys["fit_score"]] = scores
-        self._flag_unexplained(bulk, cpm, mixture, keys)
+        self._flag_unexplained(bulk, cpm, mixture, estimator.signature, keys)
         if n_draws > 0:
             self._write_intervals(bulk, cpm, mixture, kind, key_added, n_draws, rounds, found)
         logger.info("Deconvolved %d samples (%s fractions).", bulk.n_obs, kind)
@@ -267,8 +266,7 @@ class DeconvolutionMixin:
             mixture, unknown, self.rna_content_
         )
 
-    def _flag_unexplained(self, bulk: AnnData, cpm, mixture, keys: dict[str, str]) -> None:
-        signature = self._served_signature()
+    def _flag_unexplained(self, bulk: AnnData, cpm, mixture, signature, keys: dict) -> None:
         score = sample_scores(unexplained_expression, cpm, mixture, signature)
         bulk.obs[keys["unexplained_score"]] = score
         if self.unexplained_threshold_ is None:

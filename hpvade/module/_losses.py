@@ -53,12 +53,11 @@ def sample_scores(score, bulk_cpm, proportions, signature) -> np.ndarray:
     ``SCORE_CHUNK`` samples at a time, so no float32 copy of the whole bulk is held."""
     as_tensor = functools.partial(torch.as_tensor, dtype=torch.float32)
     signature = as_tensor(signature).cpu()
-    parts = [
-        score(as_tensor(bulk_cpm[rows]), as_tensor(proportions[rows]), signature).double().numpy()
-        for rows in (
-            slice(start, start + SCORE_CHUNK) for start in range(0, len(bulk_cpm), SCORE_CHUNK)
-        )
-    ]
+    parts = []
+    for start in range(0, len(bulk_cpm), SCORE_CHUNK):
+        rows = slice(start, start + SCORE_CHUNK)
+        values = score(as_tensor(bulk_cpm[rows]), as_tensor(proportions[rows]), signature)
+        parts.append(values.double().numpy())
     return np.concatenate(parts) if parts else np.zeros(0)
 
 
