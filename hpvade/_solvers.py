@@ -12,7 +12,9 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import numpy as np
+from threadpoolctl import threadpool_limits
 
+from hpvade._robust_kernel import round_solve, round_weights, variance_powers
 from hpvade.data._kernels import row_medians
 
 #: Re-weighting rounds of the served fit (``refine_steps`` of ``get_proportions``).
@@ -34,6 +36,11 @@ VARIANCE_POWER_RANGE = (1.0, 2.0)
 VARIANCE_POWER_BINS = 10
 #: Samples fitted together by the robust fit (memory; results equal within its tolerance).
 FIT_CHUNK = 2048
+#: Coordinate-descent sweeps and tolerance of a round's solve: warm-started and re-weighted
+#: next round anyway, a loose solve per round suffices. Each sample stops on its own
+#: tolerance; batched, every sample was swept until the slowest of its chunk met 1e-7, i.e.
+#: nearly always 20 times, which a per-sample 1e-10 reproduces (proportions within 1e-15).
+ROUND_SWEEPS, ROUND_SWEEP_TOLERANCE = 20, 1e-10
 
 
 def _coordinate_descent(
@@ -109,25 +116,12 @@ def variance_power(
     ``power_range``. Returns samples × 1. ``log_fitted``: ``log(fitted)`` when the caller has
     it.
     """
-    x = np.log(fitted) if log_fitted is None else log_fitted
-    low = np.where(kept, x, np.inf).min(axis=1, keepdims=True)
-    high = np.where(kept, x, -np.inf).max(axis=1, keepdims=True)
-    low[~np.isfinite(low)] = 0.0  # a sample with no kept gene: slope 0, clipped
-    width = np.maximum(high - low, 1e-12) / n_bins
-    bins = np.clip(((x - low) / width).astype(int), 0, n_bins - 1)
-    # one bincount per statistic over (sample, bin) pairs of the kept genes
-    flat = (np.arange(x.shape[0])[:, None] * n_bins + bins)[kept]
-    shape, length = (x.shape[0], n_bins), x.shape[0] * n_bins
-    counts = np.bincount(flat, minlength=length).reshape(shape).astype(float)
-    size = np.maximum(counts, 1.0)
-    centres = np.bincount(flat, x[kept], length).reshape(shape) / size
-    spread = np.bincount(flat, np.abs(bulk - fitted)[kept], length).reshape(shape) / size
-    levels = 2.0 * np.log(spread + 1e-12)
-    share = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1.0)
-    dx = centres - (share * centres).sum(axis=1, keepdims=True)
-    dy = levels - (share * levels).sum(axis=1, keepdims=True)
-    slope = (share * dx * dy).sum(axis=1) / np.maximum((share * dx**2).sum(axis=1), 1e-300)
-    return np.clip(slope, *power_range)[:, None]
+    fitted = np.ascontiguousarray(fitted, dtype=float)
+    x = np.log(fitted) if log_fitted is None else np.ascontiguousarray(log_fitted, dtype=float)
+    out = np.empty(fitted.shape[0])
+    bulk = np.ascontiguousarray(bulk, dtype=float)
+    variance_powers(bulk, fitted, x, np.ascontiguousarray(kept), n_bins, *power_range, out)
+    return out[:, None]
 
 
 def robust_dampened_fit(
@@ -186,78 +180,63 @@ def robust_dampened_fit(
     bulk = np.asarray(bulk, dtype=float)
     signature = np.asarray(signature, dtype=float)
     initial = None if initial is None else np.asarray(initial, dtype=float)
-    if bulk.shape[0] <= FIT_CHUNK:
-        return _robust_fit_rows(
-            bulk, signature, initial, n_rounds, weight_cap, tukey_cutoff, estimate_power
-        )
-    # every sample's fit is its own: a chunk of samples at a time bounds the working memory
-    coef = np.empty((bulk.shape[0], signature.shape[1]))
-    weights = np.empty_like(bulk)
-    for start in range(0, bulk.shape[0], FIT_CHUNK):
-        rows = slice(start, start + FIT_CHUNK)
-        coef[rows], weights[rows] = _robust_fit_rows(
-            bulk[rows],
-            signature,
-            None if initial is None else initial[rows],
-            n_rounds,
-            weight_cap,
-            tukey_cutoff,
-            estimate_power,
-        )
+    # The rounds alternate compiled kernels on numba's threads with matrix products: OpenBLAS's
+    # threads spin after each product and slowed the kernels 1.7x. One BLAS thread meanwhile.
+    with threadpool_limits(limits=1, user_api="blas"):
+        if bulk.shape[0] <= FIT_CHUNK:
+            return _robust_fit_rows(
+                bulk, signature, initial, n_rounds, weight_cap, tukey_cutoff, estimate_power
+            )
+        # every sample's fit is its own: a chunk of samples at a time bounds the working memory
+        coef = np.empty((bulk.shape[0], signature.shape[1]))
+        weights = np.empty_like(bulk)
+        for start in range(0, bulk.shape[0], FIT_CHUNK):
+            rows = slice(start, start + FIT_CHUNK)
+            coef[rows], weights[rows] = _robust_fit_rows(
+                bulk[rows],
+                signature,
+                None if initial is None else initial[rows],
+                n_rounds,
+                weight_cap,
+                tukey_cutoff,
+                estimate_power,
+            )
     return coef, weights
 
 
 def _robust_fit_rows(
     bulk, signature, initial, n_rounds, weight_cap, tukey_cutoff, estimate_power
 ) -> tuple[np.ndarray, np.ndarray]:
-    """:func:`robust_dampened_fit` on one chunk of samples."""
-    n_genes, n_types = signature.shape
-    # products of signature columns, the upper triangle only (the Gram matrices are
-    # symmetric), so that every sample's Gram matrix is one matmul
-    upper = np.triu_indices(n_types)
-    outer = signature[:, upper[0]] * signature[:, upper[1]]
-    weights = np.ones_like(bulk)
+    """:func:`robust_dampened_fit` on one chunk of samples: the exact unweighted start here,
+    each round's weights and solves compiled (:mod:`hpvade._robust_kernel`), its Gram
+    matrices one matrix product."""
+    n_types = signature.shape[1]
     gram = signature.T @ signature
     linear = bulk @ signature
     if initial is None:
         coef = _coordinate_descent(gram, linear, np.zeros((bulk.shape[0], n_types)))
     else:
         coef = _coordinate_descent(gram, linear, _scaled_start(initial, gram, linear))
-    floor = 1e-3 * bulk.mean(axis=1, keepdims=True)
-    log_bulk = np.log2(bulk + 1.0)  # the log ratios' bulk side, once for every round
-    active = np.arange(bulk.shape[0])  # samples whose coefficients still move
+    # products of signature columns k <= l: every sample's Gram matrix is one matmul
+    upper = np.triu_indices(n_types)
+    outer = signature[:, upper[0]] * signature[:, upper[1]]
+    bulk, signature = np.ascontiguousarray(bulk), np.ascontiguousarray(signature)
+    weights = np.ones_like(bulk)
+    block = np.empty_like(bulk)
+    moved = np.empty(bulk.shape[0])
+    rows = np.arange(bulk.shape[0])  # samples whose coefficients still move
+    power = (estimate_power, VARIANCE_POWER_BINS, *VARIANCE_POWER_RANGE)
     for _ in range(n_rounds):
-        if active.size == 0:
+        if rows.size == 0:
             break
-        every = active.size == bulk.shape[0]  # no copy while every sample is still active
-        b, c = (bulk, coef.copy()) if every else (bulk[active], coef[active])
-        fitted = c @ signature.T
-        u, spread = log_ratio_deviation(b, fitted, log_bulk if every else log_bulk[active])
-        u /= tukey_cutoff * (spread + 1e-9)
-        # Tukey's biweight (1 - u²)² inside |u| < 1, 0 outside, in place
-        biweight = np.square(u, out=u)
-        np.subtract(1.0, biweight, out=biweight)
-        np.maximum(biweight, 0.0, out=biweight)
-        np.square(biweight, out=biweight)
-        np.maximum(fitted, floor[active], out=fitted)
-        log_fitted = np.log(fitted)
-        if estimate_power:
-            power = variance_power(b, fitted, biweight > 0, log_fitted=log_fitted)
-        else:
-            power = 2.0
-        log_fitted *= -power
-        w = np.exp(log_fitted, out=log_fitted)  # fitted ** -power
-        np.minimum(w, weight_cap * row_medians(w), out=w)
-        w *= biweight
-        weights[active] = w
-        gram = np.empty((w.shape[0], n_types, n_types))
-        gram[:, upper[0], upper[1]] = w @ outer
-        gram[:, upper[1], upper[0]] = gram[:, upper[0], upper[1]]
-        # warm-started and re-weighted next round anyway: a loose solve per round suffices
-        new = _coordinate_descent(gram, (b * w) @ signature, c.copy(), 20, 1e-7)
-        change = np.abs(new - c).sum(axis=1) / np.maximum(np.abs(c).sum(axis=1), 1e-300)
-        coef[active] = new
-        active = active[change > ROUND_TOLERANCE]
+        n, every = rows.size, rows.size == bulk.shape[0]
+        b = bulk if every else bulk[rows]
+        fitted = coef @ signature.T if every else coef[rows] @ signature.T
+        round_weights(bulk, fitted, rows, weight_cap, tukey_cutoff, *power, weights, block[:n])
+        w = block[:n]
+        gram_upper, linear = w @ outer, (b * w) @ signature
+        round_solve(gram_upper, linear, coef, rows, ROUND_SWEEPS, ROUND_SWEEP_TOLERANCE, moved)
+        rows = rows[moved[:n] > ROUND_TOLERANCE]
     return coef, weights
 
 

@@ -95,11 +95,21 @@ def test_layout_limits():
 #: docs/contributing.md: which hpvade modules each layer may import (prefixes).
 LAYERS = {
     ("_constants", "_exceptions", "_compat", "_logging"): (),
-    ("_solvers", "_unknown", "_estimator", "_intervals", "_signature_fit", "_states", "data"): (
+    (
+        "_solvers",
+        "_robust_kernel",
+        "_unknown",
+        "_estimator",
+        "_intervals",
+        "_signature_fit",
+        "_states",
+        "data",
+    ): (
         "_constants",
         "_exceptions",
         "_compat",
         "_solvers",
+        "_robust_kernel",
         "_unknown",
         "_estimator",
         "_intervals",

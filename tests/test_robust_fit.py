@@ -12,6 +12,7 @@ from scipy.stats import spearmanr
 import hpvade
 from hpvade._solvers import robust_dampened_fit, variance_power
 from hpvade._unknown import unknown_share
+from hpvade.data._kernels import median_in_place
 
 from .conftest import LABELS
 
@@ -259,6 +260,20 @@ def test_the_faster_robust_fit_gives_the_same_answers(estimate_power, monkeypatc
     # the gene weights (1 / fitted^a) follow the coefficients within the solver's tolerance
     np.testing.assert_allclose(found[1], expected[1], rtol=1e-5, atol=1e-12)
     np.testing.assert_array_equal(found[1] == 0, expected[1] == 0)
+
+
+@pytest.mark.parametrize("size", [1, 2, 3, 10, 1000, 1001])
+def test_the_compiled_median_equals_numpys(size):
+    """The robust fit's branch-free selection, on ties, floored values and odd and even
+    counts: numpy's median exactly."""
+    rng = np.random.default_rng(size)
+    for values in (
+        rng.normal(size=size),
+        np.floor(rng.random(size) * 5),  # ties everywhere
+        np.maximum(rng.lognormal(0, 2, size), 1.0),  # a floor many values share
+        np.sort(rng.random(size))[::-1].copy(),  # sorted descending
+    ):
+        assert median_in_place(values.copy()) == np.median(values)
 
 
 def test_the_robust_fit_by_chunks_of_samples_equals_one_call(monkeypatch):
