@@ -93,6 +93,14 @@ def _solve_round(gram, linear, coef, max_sweeps, tolerance):
 
 
 @njit(parallel=True, cache=True)
+def solve_shared(gram, linear, coef, max_sweeps, sweep_tolerance):
+    """Every sample's coordinate descent (one per thread) with one Gram matrix shared by all,
+    ``coef`` updated in place: the robust fit's unweighted start."""
+    for i in prange(coef.shape[0]):
+        _solve_round(gram, linear[i], coef[i], max_sweeps, sweep_tolerance)
+
+
+@njit(parallel=True, cache=True)
 def round_weights(
     bulk,
     fitted_block,

@@ -14,7 +14,7 @@ from typing import NamedTuple
 import numpy as np
 from threadpoolctl import threadpool_limits
 
-from hpvade._robust_kernel import round_solve, round_weights, variance_powers
+from hpvade._robust_kernel import round_solve, round_weights, solve_shared, variance_powers
 from hpvade.data._kernels import row_medians
 
 #: Re-weighting rounds of the served fit (``refine_steps`` of ``get_proportions``).
@@ -214,9 +214,10 @@ def _robust_fit_rows(
     gram = signature.T @ signature
     linear = bulk @ signature
     if initial is None:
-        coef = _coordinate_descent(gram, linear, np.zeros((bulk.shape[0], n_types)))
+        coef = np.zeros((bulk.shape[0], n_types))
     else:
-        coef = _coordinate_descent(gram, linear, _scaled_start(initial, gram, linear))
+        coef = _scaled_start(initial, gram, linear)
+    solve_shared(gram, linear, coef, 2000, 1e-10)
     # products of signature columns k <= l: every sample's Gram matrix is one matmul
     upper = np.triu_indices(n_types)
     outer = signature[:, upper[0]] * signature[:, upper[1]]
