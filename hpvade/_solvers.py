@@ -15,7 +15,6 @@ import numpy as np
 from threadpoolctl import threadpool_limits
 
 from hpvade._robust_kernel import round_solve, round_weights, solve_shared, variance_powers
-from hpvade.data._kernels import row_medians
 
 #: Re-weighting rounds of the served fit (``refine_steps`` of ``get_proportions``).
 DEFAULT_REFINE_STEPS = 30
@@ -86,18 +85,6 @@ def _scaled_start(initial: np.ndarray, gram: np.ndarray, linear: np.ndarray) -> 
     )
     coef *= (np.einsum("sk,sk->s", coef, linear) / np.maximum(curvature, 1e-300))[:, None]
     return np.clip(coef, 0.0, None, out=coef)
-
-
-def log_ratio_deviation(
-    bulk: np.ndarray, fitted: np.ndarray, log_bulk: np.ndarray | None = None
-) -> tuple[np.ndarray, np.ndarray]:
-    """Each gene's ``log2((b + 1) / (fitted + 1))`` minus the sample's median ratio, and the
-    sample's robust standard deviation of the ratios (1.4826 × MAD). ``log_bulk``:
-    ``log2(bulk + 1)`` when the caller has it (the robust fit computes it once)."""
-    ratio = np.log2(fitted + 1.0)
-    np.subtract(np.log2(bulk + 1.0) if log_bulk is None else log_bulk, ratio, out=ratio)
-    ratio -= row_medians(ratio)
-    return ratio, 1.4826 * row_medians(np.abs(ratio))
 
 
 def variance_power(

@@ -7,7 +7,8 @@ import numpy as np
 from scipy.stats import rankdata
 
 from hpvade._constants import CPM_SCALE
-from hpvade._solvers import TUKEY_CUTOFF, log_ratio_deviation
+from hpvade._robust_kernel import far_above_fit
+from hpvade._solvers import TUKEY_CUTOFF
 
 #: The unknown fraction counts the genes the fit falls far short of in at least this share of
 #: the samples deconvolved together (one sample: its own such genes).
@@ -53,8 +54,8 @@ def unknown_share(
     # the log ratios are per-sample statistics: in chunks of samples, to bound the memory
     for start in range(0, bulk.shape[0], UNEXPLAINED_CHUNK):
         rows = slice(start, start + UNEXPLAINED_CHUNK)
-        deviation, spread = log_ratio_deviation(bulk[rows], coefficients[rows] @ signature.T)
-        short[rows] = deviation > cutoff * spread
+        fitted = coefficients[rows] @ signature.T
+        far_above_fit(np.ascontiguousarray(bulk[rows], dtype=float), fitted, cutoff, short[rows])
     genes = np.flatnonzero(short.mean(axis=0) >= cohort_share)
     excess = np.clip(bulk[:, genes] - coefficients @ signature[genes].T, 0.0, None)
     if excess.shape[0] >= UNEXPLAINED_MIN_COHORT and genes.size > 2:

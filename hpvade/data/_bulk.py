@@ -184,8 +184,11 @@ def bulk_to_cpm(
         matrix = matrix[:, columns[found]]
     found_values = matrix.toarray() if sp.issparse(matrix) else np.asarray(matrix)
     # always a copy: the user's data is never modified
-    values = np.zeros((bulk.n_obs, len(genes)), dtype=np.float64)
-    values[:, found] = found_values
+    if found.all():  # one allocation: a fresh large array costs its first touch once
+        values = np.array(found_values, dtype=np.float64)
+    else:
+        values = np.zeros((bulk.n_obs, len(genes)), dtype=np.float64)
+        values[:, found] = found_values
     where = f"`bulk.layers[{layer!r}]`" if layer else "`bulk.X`"
     check_finite_non_negative(
         values, where, "pass linear-scale counts, CPM or TPM, not centred or scaled data."

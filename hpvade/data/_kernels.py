@@ -1,5 +1,5 @@
-"""Compiled kernels where numpy and scipy are slow: summing sampled sparse rows, and medians
-(of every row of a matrix, one row per thread).
+"""Compiled kernels where numpy and scipy are slow: summing sampled sparse rows, and the
+median of a vector (numba's ``np.median`` mispredicts its branches on random data).
 
 ``counts @ X`` with a sparse (samples × cells) ``counts`` and a sparse (cells × genes) ``X`` is a
 sparse × sparse product whose result is nearly dense. scipy builds that result as a sparse
@@ -83,20 +83,3 @@ def median_in_place(a):
     for t in range(1, half):  # after the selection a[:half] holds the smaller values
         lower = max(lower, a[t])
     return (lower + upper) / 2.0
-
-
-@njit(parallel=True, cache=True)
-def _row_medians(x, out):
-    for row in prange(x.shape[0]):
-        out[row] = median_in_place(x[row].copy())
-
-
-def row_medians(x: np.ndarray) -> np.ndarray:
-    """``np.median(x, axis=1, keepdims=True)`` of a 2-D float64 array, the rows shared among
-    threads (numpy partitions one row after another on one core)."""
-    out = np.empty(x.shape[0])
-    if x.shape[1] == 0:
-        out[:] = np.nan
-    else:
-        _row_medians(np.ascontiguousarray(x, dtype=np.float64), out)
-    return out[:, None]
