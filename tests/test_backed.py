@@ -71,3 +71,27 @@ def test_a_backed_bulk_is_deconvolved_chunk_by_chunk(trained, test_bulk, tmp_pat
     )
     assert "hpvade_gene_report" in backed.uns and "hpvade_unknown_fraction" in backed.obs
     assert backed.isbacked  # the user's data stays on disk
+
+
+def test_a_backed_cohort_shows_progress_where_a_bar_redraws(
+    trained, test_bulk, tmp_path, monkeypatch
+):
+    """One progress step per chunk in a terminal or notebook; none in a log file."""
+    import hpvade.model._deconvolution as deconvolution
+
+    path = tmp_path / "bulk.h5ad"
+    test_bulk[:60].copy().write_h5ad(path)
+    monkeypatch.setattr(deconvolution, "BACKED_CHUNK_VALUES", 25 * test_bulk.n_vars)  # 3 chunks
+    bars = []
+
+    def recording_track(sequence, description, disable):
+        bars.append((list(sequence), disable))
+        return sequence
+
+    monkeypatch.setattr(deconvolution, "track", recording_track)
+    for interactive in (True, False):
+        monkeypatch.setattr(deconvolution, "interactive_output", lambda shown=interactive: shown)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            trained.get_proportions(ad.read_h5ad(path, backed="r"))
+    assert bars == [([0, 25, 50], False), ([0, 25, 50], True)]

@@ -10,6 +10,7 @@ import pandas as pd
 import torch
 from anndata import AnnData
 from scvi import settings
+from scvi.utils import track
 
 from hpvade._compat import renamed_keywords
 from hpvade._constants import (
@@ -23,6 +24,7 @@ from hpvade._constants import (
 )
 from hpvade._estimator import ProportionEstimator
 from hpvade._intervals import interval
+from hpvade._logging import interactive_output
 from hpvade._solvers import DEFAULT_REFINE_STEPS, DRAW_REFINE_STEPS, ProportionFit
 from hpvade.data._bulk import as_bulk_anndata
 from hpvade.data._labels import indicator_matrix
@@ -100,8 +102,9 @@ class DeconvolutionMixin:
             lacks some of the model's genes is fitted on the selected genes it has (a warning
             above 10 % of them missing; an error below 3 a cell type). A bulk opened with
             ``anndata.read_h5ad(path, backed="r")`` is read and deconvolved a chunk of samples
-            at a time, so memory stays bounded whatever its size; the unknown fraction and the
-            gene report are then each chunk's (the report: the first's).
+            at a time, so memory stays bounded whatever its size (a progress bar in a terminal
+            or notebook); the unknown fraction and the gene report are then each chunk's (the
+            report: the first's).
         layer
             Layer of ``bulk`` with the values; ``None`` uses ``bulk.X``.
         key_added
@@ -319,7 +322,9 @@ class DeconvolutionMixin:
         keys = result_keys(options["key_added"])
         per_chunk = max(1, BACKED_CHUNK_VALUES // max(bulk.n_vars, 1))
         obs, obsm, uns, flagged = [], {}, {}, []
-        for start in range(0, bulk.n_obs, per_chunk):
+        starts = range(0, bulk.n_obs, per_chunk)
+        bar = not interactive_output() or len(starts) < 2  # disabled: one chunk, or a log file
+        for start in track(starts, description="Deconvolving chunks", disable=bar):
             part = bulk[start : start + per_chunk].to_memory()
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
