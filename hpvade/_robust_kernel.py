@@ -46,7 +46,10 @@ def variance_power_row(bulk, fitted, log_fitted, kept, n_bins, low_power, high_p
             counts[b] += 1.0
             centres[b] += log_fitted[g]
             spread[b] += abs(bulk[g] - fitted[g])
-    total = max(counts.sum(), 1.0)
+    total = 0.0
+    for b in range(n_bins):
+        total += counts[b]
+    total = max(total, 1.0)
     mean_x, mean_y = 0.0, 0.0
     levels = np.empty(n_bins)
     for b in range(n_bins):
@@ -77,8 +80,16 @@ def variance_powers(bulk, fitted, log_fitted, kept, n_bins, low_power, high_powe
 def _solve_round(gram, linear, coef, max_sweeps, tolerance):
     """One sample's coordinate descent (``hpvade._solvers._coordinate_descent``), in place."""
     n_types = coef.size
-    gradient = gram @ coef - linear
-    scale = max(np.abs(linear).max(), 1e-300)
+    # gram @ coef - linear, and the largest |linear|, by loops: numba compiles array
+    # expressions and its @ slowly, and every second of it is the user's first call
+    gradient = np.empty(n_types)
+    scale = 1e-300
+    for s in range(n_types):
+        gradient[s] = -linear[s]
+        scale = max(scale, abs(linear[s]))
+    for t in range(n_types):
+        for s in range(n_types):
+            gradient[s] += gram[t, s] * coef[t]
     for _ in range(max_sweeps):
         largest = 0.0
         for t in range(n_types):
@@ -100,8 +111,9 @@ def _centred_log_ratios(b, fitted, ratio, scratch):
     for g in range(b.size):
         ratio[g] = math.log2(b[g] + 1.0) - math.log2(fitted[g] + 1.0)
         scratch[g] = ratio[g]
-    ratio -= median_in_place(scratch)
+    centre = median_in_place(scratch)
     for g in range(b.size):
+        ratio[g] -= centre
         scratch[g] = abs(ratio[g])
     return 1.4826 * median_in_place(scratch)
 
@@ -115,14 +127,6 @@ def far_above_fit(bulk, fitted, cutoff, out):
         spread = _centred_log_ratios(bulk[i], fitted[i], ratio, scratch)
         for g in range(bulk.shape[1]):
             out[i, g] = ratio[g] > cutoff * spread
-
-
-@njit(parallel=True, cache=True)
-def solve_shared(gram, linear, coef, max_sweeps, sweep_tolerance):
-    """Every sample's coordinate descent (one per thread) with one Gram matrix shared by all,
-    ``coef`` updated in place: the robust fit's unweighted start."""
-    for i in prange(coef.shape[0]):
-        _solve_round(gram, linear[i], coef[i], max_sweeps, sweep_tolerance)
 
 
 @njit(parallel=True, cache=True)
@@ -146,17 +150,22 @@ def round_weights(
     for j in prange(rows.size):
         i = rows[j]
         b, fitted, w = bulk[i], fitted_block[j], block[j]
-        floor = 1e-3 * b.mean()
+        floor = 0.0
+        for g in range(n_genes):
+            floor += b[g]
+        floor *= 1e-3 / n_genes
         ratio, scratch = np.empty(n_genes), np.empty(n_genes)
+        kept = np.empty(n_genes, dtype=np.bool_)
         scale = tukey_cutoff * (_centred_log_ratios(b, fitted, ratio, scratch) + 1e-9)
         for g in range(n_genes):
             u = ratio[g] / scale
             ratio[g] = max(1.0 - u * u, 0.0) ** 2  # Tukey's biweight, in place
+            kept[g] = ratio[g] > 0.0
             fitted[g] = max(fitted[g], floor)
             w[g] = math.log2(fitted[g]) * LN2
         power = 2.0
         if estimate_power:
-            power = variance_power_row(b, fitted, w, ratio > 0, n_bins, low_power, high_power)
+            power = variance_power_row(b, fitted, w, kept, n_bins, low_power, high_power)
         for g in range(n_genes):
             w[g] = math.exp(w[g] * -power)
             scratch[g] = w[g]
@@ -183,5 +192,9 @@ def round_solve(gram_upper, linear, coef, rows, max_sweeps, sweep_tolerance, mov
                 p += 1
         new = coef[i].copy()
         _solve_round(gram, linear[j], new, max_sweeps, sweep_tolerance)
-        moved[j] = np.abs(new - coef[i]).sum() / max(np.abs(coef[i]).sum(), 1e-300)
-        coef[i] = new
+        change, size = 0.0, 0.0
+        for k in range(n_types):
+            change += abs(new[k] - coef[i, k])
+            size += abs(coef[i, k])
+            coef[i, k] = new[k]
+        moved[j] = change / max(size, 1e-300)

@@ -14,7 +14,7 @@ from typing import NamedTuple
 import numpy as np
 from threadpoolctl import threadpool_limits
 
-from hpvade._robust_kernel import round_solve, round_weights, solve_shared, variance_powers
+from hpvade._robust_kernel import round_solve, round_weights, variance_powers
 
 #: Re-weighting rounds of the served fit (``refine_steps`` of ``get_proportions``).
 DEFAULT_REFINE_STEPS = 30
@@ -204,15 +204,17 @@ def _robust_fit_rows(
         coef = np.zeros((bulk.shape[0], n_types))
     else:
         coef = _scaled_start(initial, gram, linear)
-    solve_shared(gram, linear, coef, 2000, 1e-10)
     # products of signature columns k <= l: every sample's Gram matrix is one matmul
     upper = np.triu_indices(n_types)
     outer = signature[:, upper[0]] * signature[:, upper[1]]
+    rows = np.arange(bulk.shape[0])
+    moved = np.empty(bulk.shape[0])
+    # the unweighted start: every sample shares one Gram matrix (one kernel fewer to compile)
+    shared = np.tile(gram[upper], (bulk.shape[0], 1))
+    round_solve(shared, linear, coef, rows, 2000, 1e-10, moved)
     bulk, signature = np.ascontiguousarray(bulk), np.ascontiguousarray(signature)
     weights = np.ones_like(bulk)
-    block = np.empty_like(bulk)
-    moved = np.empty(bulk.shape[0])
-    rows = np.arange(bulk.shape[0])  # samples whose coefficients still move
+    block = np.empty_like(bulk)  # rows: the samples whose coefficients still move
     power = (estimate_power, VARIANCE_POWER_BINS, *VARIANCE_POWER_RANGE)
     for _ in range(n_rounds):
         if rows.size == 0:
