@@ -10,6 +10,7 @@ import pytest
 from scipy.stats import spearmanr
 
 import hpvade
+from hpvade._robust_kernel import far_above_fit
 from hpvade._solvers import robust_dampened_fit, variance_power
 from hpvade._unknown import unknown_share
 from hpvade.data._kernels import median_in_place
@@ -274,6 +275,22 @@ def test_the_compiled_median_equals_numpys(size):
         np.sort(rng.random(size))[::-1].copy(),  # sorted descending
     ):
         assert median_in_place(values.copy()) == np.median(values)
+
+
+def test_genes_far_above_the_fit_follow_the_log_ratio_rule():
+    """The compiled rule against its numpy statement: log2((b + 1) / (fit + 1)) above the
+    sample's median ratio by more than 3 robust standard deviations (1.4826 × MAD)."""
+    rng = np.random.default_rng(3)
+    fitted = rng.gamma(2.0, 200.0, size=(25, 301))
+    bulk = fitted * rng.lognormal(0.0, 0.4, fitted.shape)
+    bulk[:, :20] *= 30.0  # genes the fit falls far short of
+    ratio = np.log2((bulk + 1.0) / (fitted + 1.0))
+    ratio -= np.median(ratio, axis=1, keepdims=True)
+    spread = 1.4826 * np.median(np.abs(ratio), axis=1, keepdims=True)
+    found = np.empty(bulk.shape, dtype=bool)
+    far_above_fit(bulk, fitted, 3.0, found)
+    np.testing.assert_array_equal(found, ratio > 3.0 * spread)
+    assert found[:, :20].all() and found[:, 20:].mean() < 0.01
 
 
 def test_the_robust_fit_by_chunks_of_samples_equals_one_call(monkeypatch):
