@@ -197,6 +197,7 @@ def _robust_fit_rows(
     """:func:`robust_dampened_fit` on one chunk of samples: the exact unweighted start here,
     each round's weights and solves compiled (:mod:`hpvade._robust_kernel`), its Gram
     matrices one matrix product."""
+    bulk, signature = np.ascontiguousarray(bulk), np.ascontiguousarray(signature)
     n_types = signature.shape[1]
     gram = signature.T @ signature
     linear = bulk @ signature
@@ -207,14 +208,13 @@ def _robust_fit_rows(
     # products of signature columns k <= l: every sample's Gram matrix is one matmul
     upper = np.triu_indices(n_types)
     outer = signature[:, upper[0]] * signature[:, upper[1]]
-    rows = np.arange(bulk.shape[0])
+    rows = np.arange(bulk.shape[0])  # the samples whose coefficients still move
     moved = np.empty(bulk.shape[0])
     # the unweighted start: every sample shares one Gram matrix (one kernel fewer to compile)
     shared = np.tile(gram[upper], (bulk.shape[0], 1))
     round_solve(shared, linear, coef, rows, 2000, 1e-10, moved)
-    bulk, signature = np.ascontiguousarray(bulk), np.ascontiguousarray(signature)
     weights = np.ones_like(bulk)
-    block = np.empty_like(bulk)  # rows: the samples whose coefficients still move
+    block = np.empty_like(bulk)
     power = (estimate_power, VARIANCE_POWER_BINS, *VARIANCE_POWER_RANGE)
     for _ in range(n_rounds):
         if rows.size == 0:
