@@ -92,30 +92,22 @@ def test_layout_limits():
     assert max(sizes.values()) <= 400, max(sizes.items(), key=lambda item: item[1])
 
 
+#: docs/contributing.md's layer 2: numpy / scipy / torch functions callable without a model.
+FUNCTIONS = (
+    "_solvers",
+    "_robust_kernel",
+    "_unknown",
+    "_estimator",
+    "_intervals",
+    "_signature_fit",
+    "_states",
+    "data",
+)
 #: docs/contributing.md: which hpvade modules each layer may import (prefixes).
 LAYERS = {
     ("_constants", "_exceptions", "_compat", "_logging"): (),
-    (
-        "_solvers",
-        "_robust_kernel",
-        "_unknown",
-        "_estimator",
-        "_intervals",
-        "_signature_fit",
-        "_states",
-        "data",
-    ): (
-        "_constants",
-        "_exceptions",
-        "_compat",
-        "_solvers",
-        "_robust_kernel",
-        "_unknown",
-        "_estimator",
-        "_intervals",
-        "_signature_fit",
-        "data",
-    ),
+    # layer 1 and each other, except _states, which nothing below model/ imports
+    FUNCTIONS: ("_constants", "_exceptions", "_compat", *(m for m in FUNCTIONS if m != "_states")),
     ("module",): ("_constants", "_exceptions", "_compat", "_solvers", "module"),
     ("train",): ("_constants", "_exceptions", "module", "train"),
     ("pp", "tl", "metrics", "baselines", "datasets", "pl"): (
