@@ -1,5 +1,7 @@
 """Each sample's cell-type-specific expression (``get_cell_type_expression``)."""
 
+import warnings
+
 import anndata as ad
 import numpy as np
 import pandas as pd
@@ -38,10 +40,11 @@ def test_unknown_cell_type_names_the_types(trained, test_bulk):
         trained.get_scale_for_ct(test_bulk, "Neutrophil")
 
 
-def _state_shift_data(seed=0, n_genes=200, n_bulks=80):
+def _state_shift_data(seed=0, n_genes=200, n_bulks=80, control_only=False):
     """Three types; in types 0 and 1 half the reference cells are 'stimulated' (genes 0-9 up
     in both, 10-19 only in type 0, 20-29 only in type 1). Bulks mix the types with each
-    type's own stimulated share; truth is each type's expected profile in the sample."""
+    type's own stimulated share; truth is each type's expected profile in the sample.
+    ``control_only``: the reference's stimulated cells are left out."""
     rng = np.random.default_rng(seed)
     base = rng.gamma(0.6, 1.0, size=(3, n_genes)) + 0.02
     stim = base.copy()
@@ -63,6 +66,8 @@ def _state_shift_data(seed=0, n_genes=200, n_bulks=80):
     )
     var = pd.DataFrame(index=[f"gene{j}" for j in range(n_genes)])
     ref = ad.AnnData(sp.csr_matrix(x), obs=obs, var=var, layers={"counts": sp.csr_matrix(counts)})
+    if control_only:
+        ref = ref[~stimulated].copy()
 
     fractions = rng.dirichlet(np.ones(3), n_bulks)
     share = rng.random((n_bulks, 3))
@@ -86,7 +91,10 @@ def test_state_shift_beats_allocation():
     ref, bulk, truth = _state_shift_data()
     model = train_briefly(ref, max_epochs=40, labels_key="cell_type", counts_layer="counts")
     mixture = model.get_proportions(bulk.copy(), kind="rna").to_numpy()
-    expression = model.get_cell_type_expression(bulk)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        expression = model.get_cell_type_expression(bulk)
+    assert not [w for w in caught if "cell states fit" in str(w.message)]  # states used
     cpm = bulk.X / bulk.X.sum(1, keepdims=True) * 1e6
     signature = model.reference_signature_
     total = mixture @ signature.T
@@ -99,6 +107,29 @@ def test_state_shift_beats_allocation():
         r_estimate = _median_gene_r(estimate, truth[present, k], genes)
         assert r_estimate > r_allocation + 0.1, (k, r_estimate, r_allocation)
         assert r_estimate > 0.8, (k, r_estimate)
+
+
+def _allocation(model, bulk, mixture):
+    cpm = bulk.X / bulk.X.sum(1, keepdims=True) * 1e6
+    own = mixture[:, :, None] * model.reference_signature_.T[None]  # samples × types × genes
+    shares = cpm[:, None] * own / own.sum(1, keepdims=True)
+    return shares / shares.sum(2, keepdims=True) * 1e6
+
+
+def test_states_the_reference_lacks_fall_back_to_allocation():
+    ref, bulk, truth = _state_shift_data(control_only=True)
+    model = train_briefly(ref, max_epochs=40, labels_key="cell_type", counts_layer="counts")
+    mixture = model.get_proportions(bulk.copy(), kind="rna").to_numpy()
+    with pytest.warns(UserWarning, match="fit these 80 bulk samples no better.*use_states=True"):
+        expression = model.get_cell_type_expression(bulk)
+    allocation = _allocation(model, bulk, mixture)
+    for k, name in enumerate(model.cell_types):
+        np.testing.assert_allclose(expression[name].to_numpy(), allocation[:, k], rtol=1e-6)
+    # forced, the control states move the stimulated genes onto the wrong types
+    forced = model.get_cell_type_expression(bulk, use_states=True)
+    assert not np.allclose(forced["type0"].to_numpy(), allocation[:, 0], rtol=1e-3)
+    never = model.get_cell_type_expression(bulk, use_states=False)
+    np.testing.assert_allclose(never["type2"].to_numpy(), allocation[:, 2], rtol=1e-6)
 
 
 def test_state_aware_proportions_are_proportions(trained, test_bulk):

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import logging
+import warnings
 
 import numpy as np
 import pandas as pd
@@ -12,11 +13,13 @@ from anndata import AnnData
 from scvi import settings
 
 from hpvade._states import (
+    MIN_STATE_FIT_GAIN,
     CellStates,
     allocate,
     cluster_states,
     fit_state_weights,
     sample_profiles,
+    state_fit_gain,
     state_profiles,
 )
 from hpvade.data._bulk import as_bulk_anndata
@@ -33,7 +36,11 @@ class ExpressionMixin:
     """Cell-type-specific expression of bulk samples from the VAE's cell states."""
 
     def get_scale_for_ct(
-        self, bulk: AnnData | pd.DataFrame, cell_type: str, layer: str | None = None
+        self,
+        bulk: AnnData | pd.DataFrame,
+        cell_type: str,
+        layer: str | None = None,
+        use_states: bool | None = None,
     ) -> pd.DataFrame:
         """Each sample's expression profile of one cell type's cells.
 
@@ -48,6 +55,8 @@ class ExpressionMixin:
             One of :attr:`cell_types`.
         layer
             Layer of ``bulk`` with the values; ``None`` uses ``bulk.X``.
+        use_states
+            As for :meth:`get_cell_type_expression`.
 
         Returns
         -------
@@ -57,13 +66,16 @@ class ExpressionMixin:
             raise ValueError(
                 f"Unknown cell type {cell_type!r}; the model's types are {list(self.cell_types)}."
             )
-        return self.get_cell_type_expression(bulk, layer, cell_types=[cell_type])[cell_type]
+        return self.get_cell_type_expression(
+            bulk, layer, cell_types=[cell_type], use_states=use_states
+        )[cell_type]
 
     def get_cell_type_expression(
         self,
         bulk: AnnData | pd.DataFrame,
         layer: str | None = None,
         cell_types: list[str] | None = None,
+        use_states: bool | None = None,
     ) -> dict[str, pd.DataFrame]:
         """Each sample's expression profile of each cell type's cells.
 
@@ -76,6 +88,12 @@ class ExpressionMixin:
         in others is thus told apart from a type that is not, where the reference holds both
         states. Nothing is written to ``bulk``.
 
+        Where the reference lacks the samples' states, fitting its states pushes the change
+        onto the wrong types. So the states are used only when, over all the samples of the
+        call, they fit the bulk better than the reference's average type profiles (squared
+        errors of log CPM at least 2 % lower); otherwise each gene's bulk is split by
+        ``proportion × reference profile`` (allocation) and a warning says so.
+
         Parameters
         ----------
         bulk
@@ -84,6 +102,9 @@ class ExpressionMixin:
             Layer of ``bulk`` with the values; ``None`` uses ``bulk.X``.
         cell_types
             Types to return; ``None``: all.
+        use_states
+            ``None`` (default): use the states where they fit the samples better than the
+            reference profiles, as above. ``True``: always; ``False``: never (allocation).
 
         Returns
         -------
@@ -101,6 +122,26 @@ class ExpressionMixin:
         states = CellStates(states.profiles[genes], states.cell_type, states.frequencies)
         weights = fit_state_weights(cpm, mixture, states)
         profiles = [sample_profiles(weights, states, k) for k in range(len(self.cell_types))]
+        signature = self.reference_signature_[genes]
+        gain = state_fit_gain(cpm, mixture, profiles, signature)
+        logger.info(
+            "Cell states fit the bulk %.1f%% better than the reference profiles.", 100 * gain
+        )
+        fall_back = use_states is None and gain < MIN_STATE_FIT_GAIN
+        if fall_back:
+            warnings.warn(
+                f"The reference's cell states fit these {bulk.n_obs} bulk samples no better than "
+                f"its average cell-type profiles (log-scale error {100 * gain:+.1f}% lower, "
+                f"{100 * MIN_STATE_FIT_GAIN:.0f}% needed): the samples are probably in states the "
+                "reference lacks. Each gene's bulk is split "
+                "among the types by their reference profiles instead (allocation). Use a "
+                "reference that holds the states expected in the samples, or pass "
+                "`use_states=True` to use its states regardless.",
+                UserWarning,
+                stacklevel=2,
+            )
+        if use_states is False or fall_back:
+            profiles = list(signature.T)
         index, columns = bulk.obs_names.copy(), self.var_names[genes]
         shares = allocate(cpm, mixture, profiles, [self.cell_types.get_loc(n) for n in wanted])
         result = {
