@@ -19,7 +19,8 @@ allocation (each gene's bulk split in proportion to p_k S_gk), hpvade's
 ``get_cell_type_expression``, and the ceiling (allocation by the reference's own control and
 stimulated profiles mixed by the true u_k). ``--ablation`` adds the method without the VAE
 (states from the reference's principal components instead of its latent space) and hpvade
-variants (with the prototype loss, with the bulk reconstruction, S learned, one epoch, 400
+variants (without the VAE path, which has no cell states and serves allocation; with the
+prototype loss, with the bulk reconstruction, S learned, one epoch, 400
 epochs; the defaults train without the first two and with S fixed). Every case also reports
 hpvade with its states used regardless of their fit (``use_states=True``), the state fit's
 gain over the reference profiles (positive: the states fit the bulk better, and the default
@@ -65,9 +66,10 @@ N_EXPRESSED = 1000
 #: reference's principal components (``pca_states``).
 NO_VAE = "without the VAE (states from PCA)"
 #: Variants trained for ``--ablation`` (the "without" rows of ``VARIANTS`` other than the VAE's
-#: are the defaults now).
-ABLATION = ["hpvade", "with the prototype loss", "with the bulk reconstruction", "S learned",
-            "1 epoch", "400 epochs"]  # fmt: skip
+#: are the defaults now). Without the VAE path the model has no cell states and serves
+#: allocation; ``NO_VAE`` shows what states from elsewhere would give.
+ABLATION = ["hpvade", "without the VAE path", "with the prototype loss",
+            "with the bulk reconstruction", "S learned", "1 epoch", "400 epochs"]  # fmt: skip
 
 
 def pearson(estimate: np.ndarray, truth: np.ndarray) -> float:

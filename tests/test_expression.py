@@ -110,10 +110,14 @@ def test_state_shift_beats_allocation():
 
 
 def _allocation(model, bulk, mixture):
-    cpm = bulk.X / bulk.X.sum(1, keepdims=True) * 1e6
-    own = mixture[:, :, None] * model.reference_signature_.T[None]  # samples × types × genes
-    shares = cpm[:, None] * own / own.sum(1, keepdims=True)
-    return shares / shares.sum(2, keepdims=True) * 1e6
+    """Each gene's bulk split by ``p_k S_gk`` (samples × types × genes, CPM; 0 where no type
+    expresses the gene or the type is absent)."""
+    x = np.asarray(bulk[:, model.var_names].X, dtype=np.float64)
+    cpm = x / x.sum(1, keepdims=True) * 1e6
+    own = mixture[:, :, None] * model.reference_signature_.T[None]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        shares = np.nan_to_num(cpm[:, None] * own / own.sum(1, keepdims=True))
+        return np.nan_to_num(shares / shares.sum(2, keepdims=True) * 1e6)
 
 
 def test_states_the_reference_lacks_fall_back_to_allocation():
@@ -169,6 +173,13 @@ def test_cell_states_need_the_vae(pbmc_split, test_bulk):
     model = hpvade.HPVADE(ref, use_vae=False)
     model.train(max_epochs=1, enable_progress_bar=False)
     with pytest.raises(ValueError, match="use_vae=False"):
-        model.get_cell_type_expression(test_bulk.copy())
+        model.get_cell_type_expression(test_bulk.copy(), use_states=True)
     with pytest.raises(ValueError, match="use_vae=False"):
         model.get_proportions(test_bulk.copy(), state_aware=True)
+    # without states, the default is allocation by the reference profiles, with a warning
+    with pytest.warns(UserWarning, match="use_vae=False.*allocation"):
+        expression = model.get_cell_type_expression(test_bulk)
+    mixture = model.get_proportions(test_bulk.copy(), kind="rna").to_numpy()
+    allocation = _allocation(model, test_bulk, mixture)
+    for k, name in enumerate(model.cell_types):
+        np.testing.assert_allclose(expression[name].to_numpy(), allocation[:, k], rtol=1e-6)

@@ -104,7 +104,8 @@ class ExpressionMixin:
             Types to return; ``None``: all.
         use_states
             ``None`` (default): use the states where they fit the samples better than the
-            reference profiles, as above. ``True``: always; ``False``: never (allocation).
+            reference profiles, as above (a model built with ``use_vae=False`` has none: it
+            warns and allocates). ``True``: always; ``False``: never (allocation).
 
         Returns
         -------
@@ -116,32 +117,38 @@ class ExpressionMixin:
         cpm, found, _ = self._bulk_cpm(bulk, layer, allow_missing=True)
         initial = self.module.predict_proportions(cpm)
         mixture = self.estimator().fit(cpm, initial, found=found).proportions
-        states = self.cell_states()
         genes = np.flatnonzero(found)
         cpm = cpm[:, genes]
-        states = CellStates(states.profiles[genes], states.cell_type, states.frequencies)
-        weights = fit_state_weights(cpm, mixture, states)
-        profiles = [sample_profiles(weights, states, k) for k in range(len(self.cell_types))]
         signature = self.reference_signature_[genes]
-        gain = state_fit_gain(cpm, mixture, profiles, signature)
-        logger.info(
-            "Cell states fit the bulk %.1f%% better than the reference profiles.", 100 * gain
-        )
-        fall_back = use_states is None and gain < MIN_STATE_FIT_GAIN
-        if fall_back:
+        profiles = list(signature.T)  # allocation by the reference profiles
+        if use_states is None and not self.module.use_vae:
             warnings.warn(
-                f"The reference's cell states fit these {bulk.n_obs} bulk samples no better than "
-                f"its average cell-type profiles (log-scale error {100 * gain:+.1f}% lower, "
-                f"{100 * MIN_STATE_FIT_GAIN:.0f}% needed): the samples are probably in states the "
-                "reference lacks. Each gene's bulk is split "
-                "among the types by their reference profiles instead (allocation). Use a "
-                "reference that holds the states expected in the samples, or pass "
-                "`use_states=True` to use its states regardless.",
+                "This model was built with `use_vae=False` and has no cell states: each gene's "
+                "bulk is split among the types by their reference profiles (allocation). Build "
+                "it with the default `use_vae=True` and train it for state-aware profiles.",
                 UserWarning,
                 stacklevel=2,
             )
-        if use_states is False or fall_back:
-            profiles = list(signature.T)
+        elif use_states is not False:
+            state_aware = self._state_aware_profiles(cpm, mixture, genes)
+            gain = state_fit_gain(cpm, mixture, state_aware, signature)
+            logger.info(
+                "Cell states fit the bulk %.1f%% better than the reference profiles.", 100 * gain
+            )
+            if use_states or gain >= MIN_STATE_FIT_GAIN:
+                profiles = state_aware
+            else:
+                warnings.warn(
+                    f"The reference's cell states fit these {bulk.n_obs} bulk samples no better "
+                    f"than its average cell-type profiles (log-scale error {100 * gain:+.1f}% "
+                    f"lower, {100 * MIN_STATE_FIT_GAIN:.0f}% needed): the samples are probably in "
+                    "states the reference lacks. Each gene's bulk is split among the types by "
+                    "their reference profiles instead (allocation). Use a reference that holds "
+                    "the states expected in the samples, or pass `use_states=True` to use its "
+                    "states regardless.",
+                    UserWarning,
+                    stacklevel=2,
+                )
         index, columns = bulk.obs_names.copy(), self.var_names[genes]
         shares = allocate(cpm, mixture, profiles, [self.cell_types.get_loc(n) for n in wanted])
         result = {
@@ -150,6 +157,14 @@ class ExpressionMixin:
         }
         logger.info("Cell-type expression of %d samples, %d types.", bulk.n_obs, len(wanted))
         return result
+
+    def _state_aware_profiles(self, cpm, mixture, genes) -> list[np.ndarray]:
+        """Each type's state-aware profile per sample (samples × ``genes``), the state weights
+        fitted to ``cpm`` with the types' shares held at ``mixture``."""
+        states = self.cell_states()
+        states = CellStates(states.profiles[genes], states.cell_type, states.frequencies)
+        weights = fit_state_weights(cpm, mixture, states)
+        return [sample_profiles(weights, states, k) for k in range(len(self.cell_types))]
 
     def cell_states(self) -> CellStates:
         """The reference's cell states (computed once, then kept in ``cell_states_``)."""
