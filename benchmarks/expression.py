@@ -61,9 +61,9 @@ HERE = Path(__file__).resolve().parent
 MIN_CELLS_SCORED = 10
 N_VARIABLE = 500
 N_EXPRESSED = 1000
-#: The ablation's row without the VAE: a model built with ``use_vae=False`` has no cell states
-#: (get_cell_type_expression refuses it), so the VAE's latent space is replaced by the
-#: reference's principal components (``pca_states``).
+#: The ablation's row with states found without the VAE: a model built with ``use_vae=False``
+#: has no cell states (get_cell_type_expression serves allocation), so here the VAE's latent
+#: space is replaced by the reference's principal components (``pca_states``).
 NO_VAE = "without the VAE (states from PCA)"
 #: Variants trained for ``--ablation`` (the "without" rows of ``VARIANTS`` other than the VAE's
 #: are the defaults now). Without the VAE path the model has no cell states and serves

@@ -138,10 +138,11 @@ class ExpressionMixin:
             if use_states or gain >= MIN_STATE_FIT_GAIN:
                 profiles = state_aware
             else:
+                change = f"{abs(100 * gain):.1f}% {'lower' if gain >= 0 else 'higher'}"
                 warnings.warn(
                     f"The reference's cell states fit these {bulk.n_obs} bulk samples no better "
-                    f"than its average cell-type profiles (log-scale error {100 * gain:+.1f}% "
-                    f"lower, {100 * MIN_STATE_FIT_GAIN:.0f}% needed): the samples are probably in "
+                    f"than its average cell-type profiles (log-scale error {change}; "
+                    f"{100 * MIN_STATE_FIT_GAIN:.0f}% lower needed): the samples are probably in "
                     "states the reference lacks. Each gene's bulk is split among the types by "
                     "their reference profiles instead (allocation). Use a reference that holds "
                     "the states expected in the samples, or pass `use_states=True` to use its "
