@@ -202,7 +202,7 @@ def run_case(ref, bulks, seed, variants, control_only):
             expression = model.get_cell_type_expression(bulk, cell_types=bulks.scored)
         seconds = time.perf_counter() - started
         expression_logger.removeHandler(listener)
-        states_used = not any("cell states fit" in str(w.message) for w in caught)
+        states_used = not any("(allocation)" in str(w.message) for w in caught)
         genes = expression[bulks.scored[0]].columns
         estimates = {t: e.to_numpy() for t, e in expression.items()}
         cpm = frame[genes].to_numpy(float)
