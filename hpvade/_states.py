@@ -175,6 +175,16 @@ def _fit_chunk(bulk_cpm, proportions, states: CellStates, n_steps: int) -> np.nd
         return weights().double().numpy()
 
 
+def mixed_profiles(proportions: np.ndarray, profiles: list[np.ndarray]) -> np.ndarray:
+    """``sum_k proportions[:, k] * profiles[k]`` (samples × genes): the bulk the types'
+    profiles predict. ``profiles``: a samples × genes array per type, or a gene vector
+    shared by all samples."""
+    total = np.zeros((proportions.shape[0], np.shape(profiles[0])[-1]))
+    for k, profile in enumerate(profiles):
+        total += proportions[:, k, None] * profile
+    return total
+
+
 def state_fit_gain(
     bulk_cpm: np.ndarray,
     proportions: np.ndarray,
@@ -188,9 +198,7 @@ def state_fit_gain(
     Negative when the states fit worse, as where the reference lacks the samples' states
     (``MIN_STATE_FIT_GAIN`` has the measured values).
     """
-    state_fit = np.zeros_like(bulk_cpm, dtype=np.float64)
-    for k, profile in enumerate(profiles):
-        state_fit += proportions[:, k, None] * profile
+    state_fit = mixed_profiles(proportions, profiles)
     target = np.log(bulk_cpm + LOG_PSEUDOCOUNT)
     state_loss = np.square(np.log(state_fit + LOG_PSEUDOCOUNT) - target).sum()
     signature_fit = proportions @ signature.T
@@ -217,9 +225,7 @@ def allocate(
     gene vector shared by all samples). Gene g of sample i goes to type k in proportion to
     ``proportions[i, k] * profiles[k][i, g]``.
     """
-    total = np.zeros_like(bulk_cpm, dtype=np.float64)
-    for k, profile in enumerate(profiles):
-        total += proportions[:, k, None] * profile
+    total = mixed_profiles(proportions, profiles)
     shares = {}
     for k in cell_types:
         own = proportions[:, k, None] * profiles[k]
