@@ -16,8 +16,12 @@ its scores):
 
 Methods, all with hpvade's proportions (``kind="rna"``): the reference profile (no variation),
 allocation (each gene's bulk split in proportion to p_k S_gk), hpvade's
-``get_cell_type_expression``, and the ceiling (allocation by the reference's own control and
-stimulated profiles mixed by the true u_k). ``--ablation`` adds the method without the VAE
+``get_cell_type_expression``, the ceiling (allocation by the reference's own control and
+stimulated profiles mixed by the true u_k) and perfect states with fitted shares (those two
+profiles as each type's states, their weights fitted to the bulk as hpvade fits its own: the
+gap to the ceiling is the cost of not knowing u_k). ``u r``: how well the fitted state weights
+track the true u_k (mean over scored types; for hpvade's own states |r|, as which state is the
+stimulated one is not known). ``--ablation`` adds the method without the VAE
 (states from the reference's principal components instead of its latent space) and hpvade
 variants (without the VAE path, which has no cell states and serves allocation; with the
 prototype loss, with the bulk reconstruction, S learned, one epoch, 400
@@ -48,6 +52,7 @@ from variants import VARIANTS
 
 import hpvade
 from hpvade._states import (
+    MIN_STATE_FIT_GAIN,
     CellStates,
     allocate,
     cluster_states,
@@ -70,6 +75,12 @@ NO_VAE = "without the VAE (states from PCA)"
 #: allocation; ``NO_VAE`` shows what states from elsewhere would give.
 ABLATION = ["hpvade", "without the VAE path", "with the prototype loss",
             "with the bulk reconstruction", "S learned", "1 epoch", "400 epochs"]  # fmt: skip
+
+
+#: Perfect states, unknown shares: the reference's own control and stimulated profiles of each
+#: type as its two states, their weights fitted to the bulk as hpvade fits its states'. The gap
+#: between it and the ceiling is what fitting the shares u_k from the bulk costs.
+CONDITION_STATES = "condition states, shares fitted"
 
 
 def pearson(estimate: np.ndarray, truth: np.ndarray) -> float:
@@ -128,6 +139,49 @@ def baselines(model, ref, bulks, cpm, mixture, genes) -> dict[str, dict[str, np.
             types[k]: e for k, e in allocate(cpm, mixture, profiles, scored).items()
         }
     return out
+
+
+def condition_states(model, ref, bulks, cpm, mixture, genes) -> tuple[dict, float]:
+    """The estimates of ``CONDITION_STATES``, and the mean over scored types of the r of
+    their fitted stimulated shares with the true u_k."""
+    types = list(model.cell_types)
+    scored = [types.index(t) for t in bulks.scored]
+    condition = kd.reference_condition_profiles(ref)
+    gene_rows = ref.var_names.get_indexer(genes)
+    states = CellStates(
+        np.concatenate([condition["ctrl"][gene_rows], condition["stim"][gene_rows]], axis=1),
+        np.tile(np.arange(len(types)), 2),
+        np.full(2 * len(types), 0.5),
+    )
+    weights = fit_state_weights(cpm, mixture, states)
+    profiles = [sample_profiles(weights, states, k) for k in range(len(types))]
+    estimates = {types[k]: e for k, e in allocate(cpm, mixture, profiles, scored).items()}
+    u_r = np.mean([shares_r(weights[:, len(types) + k], bulks, types[k]) for k in scored])
+    return estimates, float(u_r)
+
+
+def state_shares_r(model, bulks, cpm, mixture, genes) -> float:
+    """For hpvade's own states (refitted as ``get_cell_type_expression`` fits them): the mean
+    over scored types with two states of |r| between a state's fitted share and the true u_k
+    (which of the two is the stimulated one is not known, hence |r|)."""
+    types = list(model.cell_types)
+    states = model.cell_states()
+    rows = model.var_names.get_indexer(genes)
+    states = CellStates(states.profiles[rows], states.cell_type, states.frequencies)
+    weights = fit_state_weights(cpm, mixture, states)
+    found = []
+    for name in bulks.scored:
+        members = np.flatnonzero(states.cell_type == types.index(name))
+        if members.size == 2:
+            found.append(abs(shares_r(weights[:, members[0]], bulks, name)))
+    return float(np.mean(found)) if found else np.nan
+
+
+def shares_r(fitted: np.ndarray, bulks: kd.KangBulks, name: str) -> float:
+    """Pearson r of a type's fitted stimulated share with the true u_k, over the samples
+    scored for the type."""
+    keep = (bulks.fractions[name] * 1000 >= MIN_CELLS_SCORED).to_numpy()
+    return float(np.corrcoef(fitted[keep], bulks.stim_share[name].to_numpy()[keep])[0, 1])
 
 
 def pca_states(model, cpm, mixture, genes, scored) -> dict[str, np.ndarray]:
@@ -197,19 +251,24 @@ def run_case(ref, bulks, seed, variants, control_only):
         expression_logger.addHandler(listener)
         expression_logger.setLevel(logging.INFO)
         started = time.perf_counter()
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
             expression = model.get_cell_type_expression(bulk, cell_types=bulks.scored)
         seconds = time.perf_counter() - started
         expression_logger.removeHandler(listener)
-        states_used = not any("(allocation)" in str(w.message) for w in caught)
+        states_used = listener.gain >= MIN_STATE_FIT_GAIN  # the default's rule
         genes = expression[bulks.scored[0]].columns
         estimates = {t: e.to_numpy() for t, e in expression.items()}
         cpm = frame[genes].to_numpy(float)
         cpm = cpm / cpm.sum(axis=1, keepdims=True) * 1e6
-        methods = {}
+        methods, u_r = {}, {}
         if variant == "hpvade":
             methods = baselines(model, ref, bulks, cpm, mixture, genes)
+            u_r = {variant: state_shares_r(model, bulks, cpm, mixture, genes)}
+            if not control_only:
+                methods[CONDITION_STATES], u_r[CONDITION_STATES] = condition_states(
+                    model, ref, bulks, cpm, mixture, genes
+                )
             if "400 epochs" in variants:  # the ablation
                 methods[NO_VAE] = pca_states(model, cpm, mixture, genes, bulks.scored)
         methods[variant] = estimates
@@ -225,7 +284,8 @@ def run_case(ref, bulks, seed, variants, control_only):
                  "train s": trained if method == variant else np.nan,
                  "expression s": seconds if method == variant else np.nan,
                  "state fit gain": listener.gain if method == variant else np.nan,
-                 "states used": float(states_used) if method == variant else np.nan}
+                 "states used": float(states_used) if method == variant else np.nan,
+                 "u r": u_r.get(method, np.nan)}
             )  # fmt: skip
             print(f"  {method:34s} seed {seed}: per-gene {per_gene:.3f} response {response:.3f}",
                   flush=True)  # fmt: skip
@@ -241,7 +301,7 @@ def summarise(table: pd.DataFrame) -> pd.DataFrame:
             return ""
         return f"{v.min():.3f} / {np.median(v):.3f} / {v.max():.3f}"
 
-    metrics = ["per-gene r", "response r", "proportions r", "state fit gain"]
+    metrics = ["per-gene r", "response r", "proportions r", "state fit gain", "u r"]
     groups = table.groupby(["case", "method"], sort=False)
     out = groups[metrics].agg(spread).join(groups[["states used"]].sum(min_count=1))
     out = out.join(groups[["train s"]].median().round(0))
