@@ -16,7 +16,8 @@ its scores):
 
 Methods, all with hpvade's proportions (``kind="rna"``): the reference profile (no variation),
 allocation (each gene's bulk split in proportion to p_k S_gk), hpvade's
-``get_cell_type_expression``, the ceiling (allocation by the reference's own control and
+``get_cell_type_expression`` (and without its cohort factors: the state-aware profiles not
+adapted gene by gene to the cohort), the ceiling (allocation by the reference's own control and
 stimulated profiles mixed by the true u_k) and perfect states with fitted shares (those two
 profiles as each type's states, their weights fitted to the bulk as hpvade fits its own: the
 gap to the ceiling is the cost of not knowing u_k). ``u r``: how well the fitted state weights
@@ -212,6 +213,22 @@ def pca_states(model, cpm, mixture, genes, scored) -> dict[str, np.ndarray]:
     return {types[k]: e for k, e in shares.items()}
 
 
+#: hpvade as it was before the cohort factors (``hpvade._states.cohort_type_factors``): the
+#: state-aware profiles as fitted, not adapted gene by gene to the cohort.
+NO_FACTORS = "hpvade without the cohort factors"
+
+
+def without_factors(model, cpm, mixture, genes, scored, states_used, allocation):
+    """``NO_FACTORS``'s estimates: allocation by the state-aware profiles where the default
+    uses the states, else the allocation row."""
+    if not states_used:
+        return allocation
+    types = list(model.cell_types)
+    profiles = model._state_aware_profiles(cpm, mixture, model.var_names.get_indexer(genes))
+    shares = allocate(cpm, mixture, profiles, [types.index(t) for t in scored])
+    return {types[k]: e for k, e in shares.items()}
+
+
 #: The row with the states used whatever their fit (``use_states=True``), beside the default
 #: that falls back to allocation where they fit the bulk worse than the reference profiles.
 FORCED = "hpvade, states always (use_states=True)"
@@ -275,6 +292,9 @@ def run_case(ref, bulks, seed, variants, control_only):
         if variant == "hpvade":
             forced = model.get_cell_type_expression(bulk, cell_types=bulks.scored, use_states=True)
             methods[FORCED] = {t: e.to_numpy() for t, e in forced.items()}
+            methods[NO_FACTORS] = without_factors(
+                model, cpm, mixture, genes, bulks.scored, states_used, methods["allocation"]
+            )
             methods["state-aware proportions"] = {}
         for method, est in methods.items():
             per_gene, response = score(est, bulks, genes)

@@ -17,6 +17,7 @@ from hpvade._states import (
     CellStates,
     allocate,
     cluster_states,
+    cohort_type_factors,
     fit_state_weights,
     sample_profiles,
     state_fit_gain,
@@ -86,7 +87,11 @@ class ExpressionMixin:
         each gene's bulk expression is then split among the types in proportion to
         ``proportion × profile``. A type whose cells are stimulated in some samples and not
         in others is thus told apart from a type that is not, where the reference holds both
-        states. Nothing is written to ``bulk``.
+        states. Before the split, each type's profiles are adapted gene by gene to the
+        samples' donors: a factor per gene and type, fitted across the samples (least squares
+        of the bulk on ``proportion × profile``) and pulled towards 1 with the weight of 10
+        samples, so a cohort sets its own and a single sample keeps the reference's. Nothing
+        is written to ``bulk``.
 
         Where the reference lacks the samples' states, fitting its states pushes the change
         onto the wrong types. So the states are used only when, over all the samples of the
@@ -136,7 +141,8 @@ class ExpressionMixin:
                 "Cell states fit the bulk %.1f%% better than the reference profiles.", 100 * gain
             )
             if use_states or gain >= MIN_STATE_FIT_GAIN:
-                profiles = state_aware
+                factors = cohort_type_factors(cpm, mixture, state_aware)
+                profiles = [profile * factors[:, k] for k, profile in enumerate(state_aware)]
             else:
                 change = f"{abs(100 * gain):.1f}% {'lower' if gain >= 0 else 'higher'}"
                 warnings.warn(
