@@ -250,7 +250,7 @@ def cohort_type_factors(
         linear += np.einsum("igk,ig->gk", design, bulk_cpm[rows])
     trace = np.trace(gram, axis1=1, axis2=2)
     ridge = prior_samples * trace / (n_types * max(n_samples, 1))
-    ridge = np.where(ridge > 0, ridge, 1.0)  # a gene no profile has: factor 1
+    ridge = np.where(trace > 0, ridge, 1.0)  # a gene no profile has: factor 1
     system = gram + ridge[:, None, None] * np.eye(n_types)
     factors = np.linalg.solve(system, (linear + ridge[:, None])[..., None])[..., 0]
     return np.maximum(factors, MIN_COHORT_FACTOR)

@@ -40,11 +40,12 @@ def test_unknown_cell_type_names_the_types(trained, test_bulk):
         trained.get_scale_for_ct(test_bulk, "Neutrophil")
 
 
-def _state_shift_data(seed=0, n_genes=200, n_bulks=80, control_only=False):
+def _state_shift_data(seed=0, n_genes=200, n_bulks=80, control_only=False, donor_shift=1.0):
     """Three types; in types 0 and 1 half the reference cells are 'stimulated' (genes 0-9 up
     in both, 10-19 only in type 0, 20-29 only in type 1). Bulks mix the types with each
     type's own stimulated share; truth is each type's expected profile in the sample.
-    ``control_only``: the reference's stimulated cells are left out."""
+    ``control_only``: the reference's stimulated cells are left out. ``donor_shift``: the
+    bulks' donor has genes 40-59 of type 0 this many times the reference's, in both states."""
     rng = np.random.default_rng(seed)
     base = rng.gamma(0.6, 1.0, size=(3, n_genes)) + 0.02
     stim = base.copy()
@@ -72,6 +73,10 @@ def _state_shift_data(seed=0, n_genes=200, n_bulks=80, control_only=False):
     fractions = rng.dirichlet(np.ones(3), n_bulks)
     share = rng.random((n_bulks, 3))
     share[:, 2] = 0.0
+    base, stim = base.copy(), stim.copy()  # the reference's were drawn above
+    for profiles in (base, stim):
+        profiles[0, 40:60] *= donor_shift
+        profiles /= profiles.sum(1, keepdims=True)
     truth = (1 - share)[:, :, None] * base[None] + share[:, :, None] * stim[None]
     mixed = (fractions[:, :, None] * truth).sum(1)
     reads = rng.poisson(mixed * 2e6).astype(np.float32)
@@ -115,6 +120,51 @@ def test_state_shift_beats_allocation():
         r_estimate = _median_gene_r(estimate, truth[present, k], genes)
         assert r_estimate > r_allocation + 0.1, (k, r_estimate, r_allocation)
         assert r_estimate > 0.8, (k, r_estimate)
+
+
+def test_a_cohort_sets_its_donors_type_profiles():
+    # the bulks' donor has genes 40-59 up 4x in type 0 only: the cohort shows it (the genes
+    # follow type 0's share), so they go to type 0, where allocation spreads them over all
+    ref, bulk, truth = _state_shift_data(donor_shift=4.0, n_bulks=120)
+    model = train_briefly(ref, max_epochs=40, labels_key="cell_type", counts_layer="counts")
+    expression = model.get_cell_type_expression(bulk)
+    allocation = model.get_cell_type_expression(bulk, use_states=False)
+    genes = [f"gene{j}" for j in range(40, 60)]
+
+    def log_error(estimates, k):
+        present = estimates[f"type{k}"].sum(axis=1).to_numpy() > 0
+        estimate = estimates[f"type{k}"][genes].to_numpy()[present]
+        return np.abs(np.log2((estimate + 1) / (truth[present, k, 40:60] + 1))).mean()
+
+    for k in (0, 1, 2):
+        assert log_error(expression, k) < 0.5 * log_error(allocation, k), k
+    assert log_error(expression, 1) < 0.3
+
+
+def test_cohort_factors_fit_across_samples_and_keep_a_single_sample_near_the_profiles():
+    from hpvade._states import cohort_type_factors
+
+    rng = np.random.default_rng(0)
+    n_samples, n_genes, n_types = 300, 50, 4
+    profiles = [rng.gamma(1.0, 100.0, size=(n_samples, n_genes)) for _ in range(n_types)]
+    profiles[3][:, 0] = 0.0  # a gene type 3 never has
+    proportions = rng.dirichlet(np.ones(n_types), n_samples)
+    factors = rng.lognormal(0.0, 0.5, size=(n_genes, n_types))
+    factors[0, 3] = 1.0
+    bulk = sum(proportions[:, [k]] * profiles[k] * factors[:, k] for k in range(n_types))
+    exact = cohort_type_factors(bulk, proportions, profiles, prior_samples=1e-9)
+    np.testing.assert_allclose(exact, factors, rtol=1e-6)  # type 3's gene 0: the prior's 1
+    pulled = cohort_type_factors(bulk, proportions, profiles)  # 10 samples' prior of 300
+    assert np.abs(np.log(pulled / factors)).max() < 0.2
+    assert np.abs(np.log(pulled / factors)).max() > 1e-3  # towards 1, a little
+    # one sample: the prior outweighs it; no gene or type moves far
+    single = cohort_type_factors(bulk[:1], proportions[:1], [p[:1] for p in profiles])
+    assert np.abs(np.log(single)).max() < np.abs(np.log(factors)).max()
+    # a gene no profile has (all zero) keeps factor 1
+    empty = [p.copy() for p in profiles]
+    for p in empty:
+        p[:, 5] = 0.0
+    assert np.allclose(cohort_type_factors(bulk, proportions, empty)[5], 1.0)
 
 
 def test_states_the_reference_lacks_fall_back_to_allocation():
