@@ -90,8 +90,8 @@ class ExpressionMixin:
         states. Before the split, each type's profiles are adapted gene by gene to the
         samples' donors: a factor per gene and type, fitted across the samples (least squares
         of the bulk on ``proportion × profile``) and pulled towards 1 with the weight of 10
-        samples, so a cohort sets its own and a single sample keeps the reference's. Nothing
-        is written to ``bulk``.
+        samples: a cohort of hundreds sets its own, a few samples stay nearer the reference's.
+        Pass the samples of a cohort together. Nothing is written to ``bulk``.
 
         Where the reference lacks the samples' states, fitting its states pushes the change
         onto the wrong types. So the states are used only when, over all the samples of the
