@@ -57,6 +57,7 @@ from hpvade._states import (
     CellStates,
     allocate,
     cluster_states,
+    cohort_type_factors,
     fit_state_weights,
     sample_profiles,
     state_profiles,
@@ -188,7 +189,7 @@ def shares_r(fitted: np.ndarray, bulks: kd.KangBulks, name: str) -> float:
 def pca_states(model, cpm, mixture, genes, scored) -> dict[str, np.ndarray]:
     """hpvade's method without the VAE: each type's states by k-means on the reference's 10
     principal components (scanpy, log1p X) instead of the VAE's latent space, profiles from
-    the states' aggregated cells only (no decoder)."""
+    the states' aggregated cells only (no decoder), adapted to the cohort as hpvade's are."""
     import scanpy as sc
     import scipy.sparse as sp
 
@@ -209,6 +210,8 @@ def pca_states(model, cpm, mixture, genes, scored) -> dict[str, np.ndarray]:
     states = CellStates(states.profiles[rows], states.cell_type, states.frequencies)
     weights = fit_state_weights(cpm, mixture, states)
     profiles = [sample_profiles(weights, states, k) for k in range(len(types))]
+    factors = cohort_type_factors(cpm, mixture, profiles)  # as hpvade adapts its states'
+    profiles = [profile * factors[:, k] for k, profile in enumerate(profiles)]
     shares = allocate(cpm, mixture, profiles, [types.index(t) for t in scored])
     return {types[k]: e for k, e in shares.items()}
 
