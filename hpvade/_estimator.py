@@ -31,11 +31,15 @@ class ProportionEstimator:
         selected markers).
     gene_weights
         Per-gene weights of an adapted model's weighted fit (``None``: the robust fit).
+    device
+        Where the robust fit runs: ``None`` or ``"cpu"``, the compiled CPU kernels; an
+        accelerator (``"cuda"``), the same fit in torch there (a model's own device).
     """
 
     signature: np.ndarray
     fit_genes: np.ndarray
     gene_weights: np.ndarray | None = None
+    device: str | None = None
 
     @property
     def name(self) -> str:
@@ -60,7 +64,7 @@ class ProportionEstimator:
         returns ``initial`` as is."""
         signature = self.signature if signature is None else signature
         if self.gene_weights is None:
-            genes = {"genes": self.gene_index(found)}
+            genes = {"genes": self.gene_index(found), "device": self.device}
         else:
             weights = np.asarray(self.gene_weights, dtype=float)
             genes = {"gene_weights": weights if found is None else weights * found}

@@ -119,6 +119,7 @@ def robust_dampened_fit(
     weight_cap: float = WEIGHT_CAP,
     tukey_cutoff: float = TUKEY_CUTOFF,
     estimate_power: bool = True,
+    device: str | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Dampened weighted least squares with robust gene weights, per sample.
 
@@ -157,6 +158,10 @@ def robust_dampened_fit(
         Biweight cut-off in robust standard deviations of the log ratios.
     estimate_power
         Measure the variance power per sample and round; ``False``: ``a = 2`` throughout.
+    device
+        A torch device other than the CPU (``"cuda"``): the same rounds in torch there, all
+        samples at once (:mod:`hpvade._robust_torch`). ``None`` or ``"cpu"``: the compiled
+        kernels.
 
     Returns
     -------
@@ -167,6 +172,22 @@ def robust_dampened_fit(
     bulk = np.asarray(bulk, dtype=float)
     signature = np.asarray(signature, dtype=float)
     initial = None if initial is None else np.asarray(initial, dtype=float)
+    if device is not None and str(device).split(":")[0] != "cpu":
+        from hpvade._robust_torch import robust_fit_torch
+
+        return robust_fit_torch(
+            bulk,
+            signature,
+            initial,
+            n_rounds,
+            weight_cap,
+            tukey_cutoff,
+            estimate_power,
+            device,
+            ROUND_TOLERANCE,
+            (ROUND_SWEEPS, ROUND_SWEEP_TOLERANCE),
+            (VARIANCE_POWER_BINS, *VARIANCE_POWER_RANGE),
+        )
     # The rounds alternate compiled kernels on numba's threads with matrix products: OpenBLAS's
     # threads spin after each product and slowed the kernels 1.7x. One BLAS thread meanwhile.
     with threadpool_limits(limits=1, user_api="blas"):
@@ -285,6 +306,7 @@ def fit_proportions(
     refine_steps: int,
     gene_weights: np.ndarray | None = None,
     genes: np.ndarray | None = None,
+    device: str | None = None,
 ) -> ProportionFit:
     """The proportion fit a model serves, in one place.
 
@@ -292,7 +314,8 @@ def fit_proportions(
     - With ``gene_weights`` (an adapted model): :func:`weighted_nnls` on every gene with a
       positive weight, exact, warm-started at ``initial``.
     - Otherwise: ``refine_steps`` rounds of :func:`robust_dampened_fit` on the rows ``genes``
-      (the model's selected genes; ``None``: all), started at ``initial``.
+      (the model's selected genes; ``None``: all), started at ``initial``, on ``device``
+      when that is an accelerator (see :func:`robust_dampened_fit`).
 
     Returns
     -------
@@ -309,5 +332,5 @@ def fit_proportions(
         return ProportionFit(_rows_sum_to_one(coef), coef.sum(axis=1))
     if genes is not None:
         bulk_cpm, signature = bulk_cpm[:, genes], signature[genes]
-    coef, weights = robust_dampened_fit(bulk_cpm, signature, initial, refine_steps)
+    coef, weights = robust_dampened_fit(bulk_cpm, signature, initial, refine_steps, device=device)
     return ProportionFit(_rows_sum_to_one(coef), coef.sum(axis=1), (weights == 0).mean(axis=0))

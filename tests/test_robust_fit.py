@@ -304,3 +304,63 @@ def test_the_robust_fit_by_chunks_of_samples_equals_one_call(monkeypatch):
     # products differs (measured 7e-16)
     np.testing.assert_allclose(coef, whole_coef, rtol=1e-10, atol=1e-12)
     np.testing.assert_array_equal(weights == 0, whole_weights == 0)
+
+
+@pytest.mark.parametrize("estimate_power", [True, False])
+def test_the_robust_fit_in_torch_equals_the_compiled_kernels(estimate_power):
+    """The accelerator path (``hpvade._robust_torch``, run here on the CPU) against the
+    compiled kernels: the same rounds, weights, solves and stops (measured 3e-15)."""
+    from hpvade import _solvers
+    from hpvade._robust_torch import robust_fit_torch
+
+    rng = np.random.default_rng(11)
+    signature = rng.gamma(0.5, 1.0, size=(301, 6)) * 50  # an odd count of genes: medians
+    signature = signature / signature.sum(axis=0) * 1e6
+    truth = rng.dirichlet(np.ones(6), 80)
+    noise = rng.lognormal(0, 0.5, size=(80, 301))
+    bulk = rng.poisson(truth @ signature.T * noise + 0.1).astype(float)
+    bulk[:5, :40] *= 20.0  # genes the biweight sets aside
+    bulk = bulk / bulk.sum(axis=1, keepdims=True) * 1e6
+    for start in (rng.dirichlet(np.ones(6), 80), None):
+        expected = robust_dampened_fit(bulk, signature, start, estimate_power=estimate_power)
+        found = robust_fit_torch(
+            bulk,
+            signature,
+            start,
+            _solvers.DEFAULT_REFINE_STEPS,
+            _solvers.WEIGHT_CAP,
+            _solvers.TUKEY_CUTOFF,
+            estimate_power,
+            "cpu",
+            _solvers.ROUND_TOLERANCE,
+            (_solvers.ROUND_SWEEPS, _solvers.ROUND_SWEEP_TOLERANCE),
+            (_solvers.VARIANCE_POWER_BINS, *_solvers.VARIANCE_POWER_RANGE),
+        )
+        np.testing.assert_allclose(found[0], expected[0], rtol=1e-9, atol=1e-9)
+        np.testing.assert_allclose(found[1], expected[1], rtol=1e-9, atol=1e-15)
+        np.testing.assert_array_equal(found[1] == 0, expected[1] == 0)
+        assert (found[1][:5, :40] == 0).mean() > 0.5
+
+
+def test_a_model_on_an_accelerator_fits_there(monkeypatch, trained, test_bulk):
+    """``get_proportions`` hands the robust fit to the torch path on the model's device when
+    that is not the CPU (here: a recorded call in place of a GPU)."""
+    calls = []
+
+    def record(*args):
+        calls.append(args[7])
+        return robust_dampened_fit(*args[:7])
+
+    monkeypatch.setattr("hpvade._robust_torch.robust_fit_torch", record)
+    assert trained.estimator().device == "cpu"
+    trained.get_proportions(test_bulk.copy())
+    assert calls == []
+    served = trained.estimator()
+    on_gpu = type(served)(served.signature, served.fit_genes, device="cuda:0")
+    cpm = np.asarray(test_bulk.X[:5], dtype=float)
+    cpm = cpm / cpm.sum(axis=1, keepdims=True) * 1e6
+    start = np.full((5, len(trained.cell_types)), 1 / len(trained.cell_types))
+    expected = served.fit(cpm, start)
+    found = on_gpu.fit(cpm, start)
+    assert calls == ["cuda:0"]
+    np.testing.assert_array_equal(found.proportions, expected.proportions)

@@ -227,11 +227,14 @@ class DeconvolutionMixin:
         """The proportion estimator being served: S (as :meth:`get_signature`), the genes the
         robust fit uses (``selected_genes_``) and, after :meth:`adapt`, the gene weights of
         the weighted fit. Its ``fit(cpm, initial)`` is what :meth:`get_proportions` runs,
-        started from the deconvolution network's output."""
+        started from the deconvolution network's output, on the model's device (a GPU when
+        the model is on one)."""
         fit_genes = np.zeros(len(self.var_names), dtype=bool)
         fit_genes[self._fit_gene_index()] = True
         weights = None if self.gene_weights_ is None else np.asarray(self.gene_weights_, float)
-        return ProportionEstimator(self._served_signature(), fit_genes, weights)
+        return ProportionEstimator(
+            self._served_signature(), fit_genes, weights, device=str(self.device)
+        )
 
     # ------------------------------------------------------------------------------ helpers
     def _report_set_aside(self, report: dict, set_aside, found: np.ndarray) -> None:
@@ -248,9 +251,9 @@ class DeconvolutionMixin:
         states = self.cell_states()
         start = fit.proportions[:, states.cell_type] * states.frequencies
         served = self.estimator()
-        expanded = ProportionEstimator(states.profiles, served.fit_genes).fit(
-            cpm, start, DEFAULT_REFINE_STEPS, found
-        )
+        expanded = ProportionEstimator(
+            states.profiles, served.fit_genes, device=served.device
+        ).fit(cpm, start, DEFAULT_REFINE_STEPS, found)
         by_type = indicator_matrix(states.cell_type, len(self.cell_types))  # types × states
         proportions = (by_type @ expanded.proportions.T).T
         return ProportionFit(proportions, expanded.explained, expanded.set_aside)
