@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import os
 import subprocess
 from pathlib import Path
 
@@ -10,7 +11,11 @@ HERE = Path(__file__).resolve().parent
 
 
 def stamp() -> str:
-    """``"commit abc1234, 2026-11-30"`` (``"+ uncommitted changes"`` when the tree is dirty)."""
+    """``"commit abc1234, 2026-11-30"`` (``"+ uncommitted changes"`` when the tree is dirty).
+    Where the checkout has no git history (a copy sent to a GPU machine), the commit is read
+    from the environment variable ``HPVADE_COMMIT``."""
+    if "HPVADE_COMMIT" in os.environ:
+        return f"commit {os.environ['HPVADE_COMMIT']}, {datetime.date.today().isoformat()}"
 
     def git(*args: str) -> str:
         return subprocess.run(

@@ -199,7 +199,7 @@ def fixed_costs(model: hpvade.HPVADE) -> tuple[Measure, Measure]:
     return pools, calibration
 
 
-def run_size(n_cells: int, epochs: bool) -> list[dict]:
+def run_size(n_cells: int, epochs: bool, naive: bool = True, repeats: int = REPEATS) -> list[dict]:
     rows = []
 
     def record(step, m, extra=None):
@@ -217,10 +217,10 @@ def run_size(n_cells: int, epochs: bool) -> list[dict]:
     with Measure() as m:
         bulk = hpvade.pp.simulate_pseudobulk(ref, LABELS, N_BULK, CELLS_PER_BULK, seed=1)
     record(SIMULATE, m)
-    if n_cells <= NAIVE_MAX_CELLS:
+    if naive and n_cells <= NAIVE_MAX_CELLS:
         with Measure() as m:
-            naive = naive_signature(ref)
-        assert np.allclose(naive, signature.to_numpy(), rtol=1e-4)
+            dense = naive_signature(ref)
+        assert np.allclose(dense, signature.to_numpy(), rtol=1e-4)
         record(NAIVE_SIGNATURE, m)
         with Measure() as m:
             naive_pseudobulk(ref, N_BULK)
@@ -229,7 +229,7 @@ def run_size(n_cells: int, epochs: bool) -> list[dict]:
         # Alternate the two models twice and keep each one's faster run: the machines here
         # are shared, and one slow epoch should not decide the ratio.
         hpvade_runs, scvi_runs = [], []
-        for _ in range(REPEATS):
+        for _ in range(repeats):
             train_ref = ref.copy()
             with Measure() as m:
                 model = hpvade_training(train_ref)
@@ -244,7 +244,7 @@ def run_size(n_cells: int, epochs: bool) -> list[dict]:
         record(POOLS, pools)
         record(CALIBRATION, calibration)
         proportion_runs = []
-        for _ in range(REPEATS + 1):
+        for _ in range(3):
             fresh = bulk.copy()  # get_proportions writes to obs and obsm; copying is not its work
             with Measure() as m:
                 model.get_proportions(fresh)
@@ -304,6 +304,37 @@ def run_backed(sizes: list[int], tmp: Path) -> list[dict]:
     return rows
 
 
+def fit_on_device_rows(n_samples: int = N_BULK) -> list[dict]:
+    """The robust fit alone on ``benchmarks/fit_speed.py``'s synthetic data (``n_samples`` ×
+    1,000 genes × 20 types): the compiled CPU kernels against the same fit in torch on the
+    GPU (``hpvade._robust_torch``), each the best of two runs after one to compile or warm up,
+    with the largest difference of their proportions."""
+    from fit_speed import data
+
+    from hpvade._solvers import robust_dampened_fit
+
+    bulk, signature, start = data(n_samples)
+    rows, found = [], {}
+    for device, label in ((None, "CPU kernels"), ("cuda", "torch on the GPU")):
+        robust_dampened_fit(bulk[:100], signature, start[:100], device=device)
+        runs = []
+        for _ in range(2):
+            with Measure() as m:
+                coef, _ = robust_dampened_fit(bulk, signature, start, device=device)
+            runs.append(m)
+        found[label] = coef / coef.sum(axis=1, keepdims=True)
+        step = f"robust fit alone, {n_samples:,} x 1,000 genes, {label}"
+        fastest = best(runs)
+        rows.append(
+            {"cells": 0, "step": step, "seconds": fastest.seconds, "runs": runs_text(runs)}
+        )
+        print(f"{step:<60} {fastest.seconds:8.2f} s", flush=True)
+    difference = np.abs(found["CPU kernels"] - found["torch on the GPU"]).max()
+    print(f"largest difference of the proportions, GPU against CPU: {difference:.1e}", flush=True)
+    rows[-1]["runs"] += f" (largest difference from the CPU kernels' proportions {difference:.1e})"
+    return rows
+
+
 def markdown(table: pd.DataFrame) -> str:
     """A GitHub table without the optional ``tabulate`` dependency."""
     cells = [
@@ -337,6 +368,15 @@ def main() -> None:
         "--backed-sizes", default=BACKED_SIZES, help="backed cohort sizes ('' for none)"
     )
     parser.add_argument("--output", default=str(HERE / "results" / "scale.md"))
+    parser.add_argument(
+        "--no-naive", action="store_true", help="skip the straightforward versions (CPU work)"
+    )
+    parser.add_argument(
+        "--train-once-above",
+        type=int,
+        default=0,
+        help="train larger references once rather than twice (0: all twice)",
+    )
     args = parser.parse_args()
     sizes = [int(s) for s in args.sizes.split(",")]
     epoch_sizes = {int(s) for s in args.epoch_sizes.split(",") if s}
@@ -347,8 +387,11 @@ def main() -> None:
     with Measure() as m:  # numba compiles its kernel once per install (then cached on disk)
         hpvade.pp.simulate_pseudobulk(synthetic_reference(200), LABELS, 10, 10)
     rows.append({"cells": 200, "step": "first call: kernel compilation", "seconds": m.seconds})
+    if torch.cuda.is_available():
+        rows += fit_on_device_rows()
     for n in sizes:
-        rows += run_size(n, n in epoch_sizes)
+        once = args.train_once_above and n > args.train_once_above
+        rows += run_size(n, n in epoch_sizes, not args.no_naive, 1 if once else REPEATS)
     backed_sizes = [int(s) for s in args.backed_sizes.split(",") if s]
     if backed_sizes:
         import tempfile
@@ -356,6 +399,9 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as tmp:
             rows += run_backed(backed_sizes, Path(tmp))
     table = pd.DataFrame(rows)
+    once_text = (
+        f" (once each above {args.train_once_above:,} cells)" if args.train_once_above else ""
+    )
 
     lines = [
         "# Scale benchmark",
@@ -371,7 +417,8 @@ def main() -> None:
         "float32. 'extra GB' is the peak resident memory above the level before the step. "
         f"The training rows are a whole `train(max_epochs={EPOCHS})` call (setup, pseudobulk "
         "pools, the passes over the cells, validation; for hpvade also both calibrations) for "
-        "both models, batch size 128, run twice alternating hpvade and SCVI; hpvade's fixed "
+        "both models, batch size 128, run twice alternating hpvade and SCVI"
+        f"{once_text}; hpvade's fixed "
         "costs are then re-run alone on the trained model; `get_proportions` is run three "
         "times, each on a fresh copy of the bulk made outside the timing. 'seconds' is the "
         "fastest run, all runs are listed. The backed rows: "
