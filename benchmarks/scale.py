@@ -356,48 +356,12 @@ def ratio(table: pd.DataFrame, cells: int, slow: str, fast: str) -> float:
 def accelerator() -> str:
     """The GPU that training uses (Lightning's accelerator="auto"), or "no GPU"."""
     if torch.cuda.is_available():
-        return f"GPU {torch.cuda.get_device_name(0)} (training runs on it)"
+        return f"GPU {torch.cuda.get_device_name(0)} (training and get_proportions' fit run on it)"
     return "no GPU"
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sizes", default="10000,100000,1000000")
-    parser.add_argument("--epoch-sizes", default="10000,100000", help="sizes to train on")
-    parser.add_argument(
-        "--backed-sizes", default=BACKED_SIZES, help="backed cohort sizes ('' for none)"
-    )
-    parser.add_argument("--output", default=str(HERE / "results" / "scale.md"))
-    parser.add_argument(
-        "--no-naive", action="store_true", help="skip the straightforward versions (CPU work)"
-    )
-    parser.add_argument(
-        "--train-once-above",
-        type=int,
-        default=0,
-        help="train larger references once rather than twice (0: all twice)",
-    )
-    args = parser.parse_args()
-    sizes = [int(s) for s in args.sizes.split(",")]
-    epoch_sizes = {int(s) for s in args.epoch_sizes.split(",") if s}
-    warnings.filterwarnings("ignore", category=UserWarning)
-    scvi.settings.seed = 0
-    started = time.perf_counter()
-    rows = []
-    with Measure() as m:  # numba compiles its kernel once per install (then cached on disk)
-        hpvade.pp.simulate_pseudobulk(synthetic_reference(200), LABELS, 10, 10)
-    rows.append({"cells": 200, "step": "first call: kernel compilation", "seconds": m.seconds})
-    if torch.cuda.is_available():
-        rows += fit_on_device_rows()
-    for n in sizes:
-        once = args.train_once_above and n > args.train_once_above
-        rows += run_size(n, n in epoch_sizes, not args.no_naive, 1 if once else REPEATS)
-    backed_sizes = [int(s) for s in args.backed_sizes.split(",") if s]
-    if backed_sizes:
-        import tempfile
-
-        with tempfile.TemporaryDirectory() as tmp:
-            rows += run_backed(backed_sizes, Path(tmp))
+def report(rows: list[dict], sizes: list[int], args, seconds: float) -> str:
+    """The results file's text from the rows measured so far."""
     table = pd.DataFrame(rows)
     once_text = (
         f" (once each above {args.train_once_above:,} cells)" if args.train_once_above else ""
@@ -410,7 +374,7 @@ def main() -> None:
         f"{platform.python_version()}, torch "
         f"{torch.__version__} ({torch.get_num_threads()} threads), scvi-tools {scvi.__version__}, "
         f"hpvade {hpvade.__version__}. Machine: {os.cpu_count()} CPU cores, {accelerator()}. "
-        f"Run time {time.perf_counter() - started:.0f} s.",
+        f"Run time {seconds:.0f} s.",
         "",
         "Synthetic references (`synthetic_reference` in `benchmarks/scale.py`): 5,000 genes, 20 "
         "types, negative-binomial library sizes, ~5 % non-zero, normalize_total + log1p, CSR "
@@ -463,10 +427,57 @@ def main() -> None:
             f"{1e3 * last.seconds / size[1]:.2f} ms per sample), peak extra memory "
             f"{first.extra_gb:.2f} and {last.extra_gb:.2f} GB"
         )
-    text = "\n".join(lines) + "\n"
-    Path(args.output).parent.mkdir(exist_ok=True)
-    Path(args.output).write_text(text)
-    print(text)
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", default="10000,100000,1000000")
+    parser.add_argument("--epoch-sizes", default="10000,100000", help="sizes to train on")
+    parser.add_argument(
+        "--backed-sizes", default=BACKED_SIZES, help="backed cohort sizes ('' for none)"
+    )
+    parser.add_argument("--output", default=str(HERE / "results" / "scale.md"))
+    parser.add_argument(
+        "--no-naive", action="store_true", help="skip the straightforward versions (CPU work)"
+    )
+    parser.add_argument(
+        "--train-once-above",
+        type=int,
+        default=0,
+        help="train larger references once rather than twice (0: all twice)",
+    )
+    args = parser.parse_args()
+    sizes = [int(s) for s in args.sizes.split(",")]
+    epoch_sizes = {int(s) for s in args.epoch_sizes.split(",") if s}
+    warnings.filterwarnings("ignore", category=UserWarning)
+    scvi.settings.seed = 0
+    started = time.perf_counter()
+    rows = []
+
+    def write() -> str:  # after every size too: a run cut short keeps what it measured
+        text = report(rows, sizes, args, time.perf_counter() - started)
+        Path(args.output).parent.mkdir(exist_ok=True)
+        Path(args.output).write_text(text)
+        return text
+
+    with Measure() as m:  # numba compiles its kernel once per install (then cached on disk)
+        hpvade.pp.simulate_pseudobulk(synthetic_reference(200), LABELS, 10, 10)
+    rows.append({"cells": 200, "step": "first call: kernel compilation", "seconds": m.seconds})
+    if torch.cuda.is_available():
+        rows += fit_on_device_rows()
+        write()
+    for n in sizes:
+        once = args.train_once_above and n > args.train_once_above
+        rows += run_size(n, n in epoch_sizes, not args.no_naive, 1 if once else REPEATS)
+        write()
+    backed_sizes = [int(s) for s in args.backed_sizes.split(",") if s]
+    if backed_sizes:
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as tmp:
+            rows += run_backed(backed_sizes, Path(tmp))
+    print(write())
 
 
 if __name__ == "__main__":
