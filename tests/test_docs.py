@@ -96,6 +96,7 @@ def test_layout_limits():
 FUNCTIONS = (
     "_solvers",
     "_robust_kernel",
+    "_robust_torch",
     "_unknown",
     "_estimator",
     "_intervals",
