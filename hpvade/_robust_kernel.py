@@ -5,8 +5,9 @@ genes far above a sample's fit (``hpvade._unknown.unknown_share``).
 In numpy each round was a dozen passes over a samples × genes array (log ratios, three row
 medians, the biweight, the variance power's bins, the weights), each on one core, and the
 solves swept every sample until the slowest converged: 14 s for 10,000 samples × 1,000 genes
-on 2 cores, 5.8 s now (``benchmarks/fit_speed.py``). The Gram matrices stay one matrix product
-per round (BLAS beats a per-sample loop here: measured 6.6 s fused into the kernel). Every
+on 2 cores, 4.6 s now (``benchmarks/fit_speed.py``). The Gram matrices stay matrix products
+(BLAS beats a per-sample loop here: measured 6.6 s fused into the kernel), one block of
+samples per thread; ``log2(bulk + 1)`` is computed once per fit, not every round. Every
 statistic is the one the numpy version computed, in the same order where it matters
 (medians, bins); sums over genes may differ in the last bits.
 """
@@ -110,9 +111,16 @@ def _centred_log_ratios(b, fitted, ratio, scratch):
     returns the sample's robust standard deviation of the ratios (1.4826 × MAD)."""
     for g in range(b.size):
         ratio[g] = math.log2(b[g] + 1.0) - math.log2(fitted[g] + 1.0)
+    return _centre_and_spread(ratio, scratch)
+
+
+@njit(cache=True)
+def _centre_and_spread(ratio, scratch):
+    """Centre ``ratio`` on its median in place; returns 1.4826 × its MAD."""
+    for g in range(ratio.size):
         scratch[g] = ratio[g]
     centre = median_in_place(scratch)
-    for g in range(b.size):
+    for g in range(ratio.size):
         ratio[g] -= centre
         scratch[g] = abs(ratio[g])
     return 1.4826 * median_in_place(scratch)
@@ -132,6 +140,7 @@ def far_above_fit(bulk, fitted, cutoff, out):
 @njit(parallel=True, cache=True)
 def round_weights(
     bulk,
+    log_bulk,
     fitted_block,
     rows,
     weight_cap,
@@ -145,7 +154,8 @@ def round_weights(
 ):
     """One round's gene weights of the samples ``rows`` (one per thread), from their fits
     ``fitted_block`` (in the order of ``rows``; overwritten): written to their rows of
-    ``weights`` and, in order, to ``block``."""
+    ``weights`` and, in order, to ``block``. ``log_bulk``: ``log2(bulk + 1)``, which every
+    round shares."""
     n_genes = bulk.shape[1]
     for j in prange(rows.size):
         i = rows[j]
@@ -156,7 +166,10 @@ def round_weights(
         floor *= 1e-3 / n_genes
         ratio, scratch = np.empty(n_genes), np.empty(n_genes)
         kept = np.empty(n_genes, dtype=np.bool_)
-        scale = tukey_cutoff * (_centred_log_ratios(b, fitted, ratio, scratch) + 1e-9)
+        log_b = log_bulk[i]
+        for g in range(n_genes):
+            ratio[g] = log_b[g] - math.log2(fitted[g] + 1.0)
+        scale = tukey_cutoff * (_centre_and_spread(ratio, scratch) + 1e-9)
         for g in range(n_genes):
             u = ratio[g] / scale
             ratio[g] = max(1.0 - u * u, 0.0) ** 2  # Tukey's biweight, in place
@@ -173,6 +186,18 @@ def round_weights(
         for g in range(n_genes):
             w[g] = min(w[g], cap) * ratio[g]
             weights[i, g] = w[g]
+
+
+@njit(parallel=True, cache=True)
+def gram_products(weights, outer, out, n_blocks):
+    """``out = weights @ outer`` by ``n_blocks`` blocks of rows, one BLAS call per thread.
+    Called with one BLAS thread: OpenBLAS's own threads spin after each product and slowed
+    the other kernels 1.7x, while here the compiled threads share the work."""
+    size = (weights.shape[0] + n_blocks - 1) // n_blocks
+    for k in prange(n_blocks):
+        start, stop = k * size, min(weights.shape[0], (k + 1) * size)
+        if start < stop:
+            np.dot(weights[start:stop], outer, out[start:stop])
 
 
 @njit(parallel=True, cache=True)

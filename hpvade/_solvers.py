@@ -11,10 +11,11 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
+import numba
 import numpy as np
 from threadpoolctl import threadpool_limits
 
-from hpvade._robust_kernel import round_solve, round_weights, variance_powers
+from hpvade._robust_kernel import gram_products, round_solve, round_weights, variance_powers
 
 #: Re-weighting rounds of the served fit (``refine_steps`` of ``get_proportions``).
 DEFAULT_REFINE_STEPS = 30
@@ -236,6 +237,8 @@ def _robust_fit_rows(
     round_solve(shared, linear, coef, rows, 2000, 1e-10, moved)
     weights = np.ones_like(bulk)
     block = np.empty_like(bulk)
+    log_bulk = np.log2(bulk + 1.0)
+    products = np.empty((bulk.shape[0], outer.shape[1]))
     power = (estimate_power, VARIANCE_POWER_BINS, *VARIANCE_POWER_RANGE)
     for _ in range(n_rounds):
         if rows.size == 0:
@@ -243,9 +246,12 @@ def _robust_fit_rows(
         n, every = rows.size, rows.size == bulk.shape[0]
         b = bulk if every else bulk[rows]
         fitted = coef @ signature.T if every else coef[rows] @ signature.T
-        round_weights(bulk, fitted, rows, weight_cap, tukey_cutoff, *power, weights, block[:n])
+        round_weights(
+            bulk, log_bulk, fitted, rows, weight_cap, tukey_cutoff, *power, weights, block[:n]
+        )
         w = block[:n]
-        gram_upper, linear = w @ outer, (b * w) @ signature
+        gram_upper, linear = products[:n], (b * w) @ signature
+        gram_products(w, outer, gram_upper, numba.get_num_threads())
         round_solve(gram_upper, linear, coef, rows, ROUND_SWEEPS, ROUND_SWEEP_TOLERANCE, moved)
         rows = rows[moved[:n] > ROUND_TOLERANCE]
     return coef, weights
