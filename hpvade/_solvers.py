@@ -36,6 +36,10 @@ VARIANCE_POWER_RANGE = (1.0, 2.0)
 VARIANCE_POWER_BINS = 10
 #: Samples fitted together by the robust fit (memory; results equal within its tolerance).
 FIT_CHUNK = 2048
+#: ... on an accelerator, where a chunk is one batch of tensor operations: its temporaries
+#: (about fifteen samples × genes float64 arrays: sorts, ratios, weights) come to some 2 GB
+#: of device memory at 1,000 fitted genes, whatever the cohort's size.
+DEVICE_FIT_CHUNK = 16_384
 #: Coordinate-descent sweeps and tolerance of a round's solve: warm-started and re-weighted
 #: next round anyway, a loose solve per round suffices. Each sample stops on its own
 #: tolerance; batched, every sample was swept until the slowest of its chunk met 1e-7, i.e.
@@ -176,19 +180,24 @@ def robust_dampened_fit(
     if device is not None and str(device).split(":")[0] != "cpu":
         from hpvade._robust_torch import robust_fit_torch
 
-        return robust_fit_torch(
-            bulk,
-            signature,
-            initial,
-            n_rounds,
-            weight_cap,
-            tukey_cutoff,
-            estimate_power,
-            device,
-            ROUND_TOLERANCE,
-            (ROUND_SWEEPS, ROUND_SWEEP_TOLERANCE),
-            (VARIANCE_POWER_BINS, *VARIANCE_POWER_RANGE),
-        )
+        coef = np.empty((bulk.shape[0], signature.shape[1]))
+        weights = np.empty_like(bulk)
+        for start in range(0, bulk.shape[0], DEVICE_FIT_CHUNK):
+            rows = slice(start, start + DEVICE_FIT_CHUNK)
+            coef[rows], weights[rows] = robust_fit_torch(
+                bulk[rows],
+                signature,
+                None if initial is None else initial[rows],
+                n_rounds,
+                weight_cap,
+                tukey_cutoff,
+                estimate_power,
+                device,
+                ROUND_TOLERANCE,
+                (ROUND_SWEEPS, ROUND_SWEEP_TOLERANCE),
+                (VARIANCE_POWER_BINS, *VARIANCE_POWER_RANGE),
+            )
+        return coef, weights
     # The rounds alternate compiled kernels on numba's threads with matrix products: OpenBLAS's
     # threads spin after each product and slowed the kernels 1.7x. One BLAS thread meanwhile.
     with threadpool_limits(limits=1, user_api="blas"):
