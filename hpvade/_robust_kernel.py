@@ -79,7 +79,9 @@ def variance_powers(bulk, fitted, log_fitted, kept, n_bins, low_power, high_powe
 
 @njit(cache=True)
 def _solve_round(gram, linear, coef, max_sweeps, tolerance):
-    """One sample's coordinate descent (``hpvade._solvers._coordinate_descent``), in place."""
+    """One sample's ``min_c c' G c / 2 - l' c`` with ``c >= 0`` by exact coordinate descent,
+    warm-started at ``coef`` (in place): sweeps over the types until the largest step,
+    relative to ``max |linear|``, is below ``tolerance``."""
     n_types = coef.size
     # gram @ coef - linear, and the largest |linear|, by loops: numba compiles array
     # expressions and its @ slowly, and every second of it is the user's first call

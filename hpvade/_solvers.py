@@ -47,36 +47,22 @@ DEVICE_FIT_CHUNK = 16_384
 ROUND_SWEEPS, ROUND_SWEEP_TOLERANCE = 20, 1e-10
 
 
-def _coordinate_descent(
+def _solve_shared(
     gram: np.ndarray,
     linear: np.ndarray,
     coef: np.ndarray,
     max_sweeps: int = 2000,
     tolerance: float = 1e-10,
 ) -> np.ndarray:
-    """``min_c c' G c / 2 - l' c`` with ``c >= 0`` for every sample at once, warm-started at
-    ``coef`` (modified). ``gram`` is one types × types matrix shared by all samples, or one
-    per sample (samples × types × types). Exact coordinate descent: each sweep updates one type
-    at a time for every sample (a loop over types, none over samples)."""
-    per_sample = gram.ndim == 3
-    diagonal = np.maximum(np.diagonal(gram, axis1=-2, axis2=-1), 1e-300)
-    gradient = (np.einsum("sk,skl->sl", coef, gram) if per_sample else coef @ gram) - linear
-    scale = np.maximum(np.abs(linear).max(axis=1), 1e-300)
-    # everything by type first, so that one type's values are contiguous over samples
-    rows = np.ascontiguousarray(gram.transpose(1, 2, 0)) if per_sample else gram[:, :, None]
-    curvatures = np.ascontiguousarray(diagonal.T) if per_sample else diagonal[:, None]
-    coef_t, gradient_t = np.ascontiguousarray(coef.T), np.ascontiguousarray(gradient.T)
-    for _ in range(max_sweeps):
-        largest = np.zeros(coef.shape[0])
-        for t in range(coef.shape[1]):
-            new = np.maximum(coef_t[t] - gradient_t[t] / curvatures[t], 0.0)
-            step = new - coef_t[t]
-            coef_t[t] = new
-            gradient_t += step[None, :] * rows[t]
-            np.maximum(largest, np.abs(step) * curvatures[t], out=largest)
-        if (largest / scale).max() < tolerance:
-            break
-    coef[:] = coef_t.T
+    """``min_c c' G c / 2 - l' c`` with ``c >= 0`` for every sample, all sharing one types ×
+    types ``gram``, warm-started at ``coef`` (modified and returned): the robust fit's
+    compiled coordinate descent (:func:`hpvade._robust_kernel.round_solve`), each sample
+    stopping on its own ``tolerance``."""
+    upper = np.triu_indices(gram.shape[0])
+    shared = np.tile(gram[upper], (coef.shape[0], 1))
+    moved = np.empty(coef.shape[0])
+    rows = np.arange(coef.shape[0])
+    round_solve(shared, np.ascontiguousarray(linear), coef, rows, max_sweeps, tolerance, moved)
     return coef
 
 
@@ -241,9 +227,7 @@ def _robust_fit_rows(
     outer = signature[:, upper[0]] * signature[:, upper[1]]
     rows = np.arange(bulk.shape[0])  # the samples whose coefficients still move
     moved = np.empty(bulk.shape[0])
-    # the unweighted start: every sample shares one Gram matrix (one kernel fewer to compile)
-    shared = np.tile(gram[upper], (bulk.shape[0], 1))
-    round_solve(shared, linear, coef, rows, 2000, 1e-10, moved)
+    _solve_shared(gram, linear, coef)  # the unweighted start: one Gram matrix for all
     weights = np.ones_like(bulk)
     block = np.empty_like(bulk)
     log_bulk = np.log2(bulk + 1.0)
@@ -276,8 +260,9 @@ def weighted_nnls(
 ) -> np.ndarray:
     """Per-sample ``min_p sum_g w_g (b_g - (S p)_g)^2`` with ``p >= 0``, rescaled to sum to 1.
 
-    Every sample shares the types × types Gram matrix ``S.T W S``, so the solve is exact
-    coordinate descent on all samples at once. ``initial`` (proportions) warm-starts it.
+    Every sample shares the types × types Gram matrix ``S.T W S``; each is solved by exact
+    coordinate descent (compiled, one sample per thread). ``initial`` (proportions)
+    warm-starts it.
     """
     coef = _weighted_coefficients(bulk, signature, gene_weights, initial, max_sweeps, tolerance)
     return _rows_sum_to_one(coef)
@@ -293,7 +278,7 @@ def _weighted_coefficients(
     if initial is None:
         initial = np.full((bulk.shape[0], signature.shape[1]), 1.0 / signature.shape[1])
     start = _scaled_start(initial, gram, linear)
-    return _coordinate_descent(gram, linear, start, max_sweeps, tolerance)
+    return _solve_shared(gram, linear, start, max_sweeps, tolerance)
 
 
 def _rows_sum_to_one(coef: np.ndarray) -> np.ndarray:
