@@ -9,6 +9,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import functools
 from typing import NamedTuple
 
 import numba
@@ -163,47 +165,41 @@ def robust_dampened_fit(
     bulk = np.asarray(bulk, dtype=float)
     signature = np.asarray(signature, dtype=float)
     initial = None if initial is None else np.asarray(initial, dtype=float)
+    common = {
+        "signature": signature,
+        "n_rounds": n_rounds,
+        "weight_cap": weight_cap,
+        "tukey_cutoff": tukey_cutoff,
+        "estimate_power": estimate_power,
+    }
     if device is not None and str(device).split(":")[0] != "cpu":
         from hpvade._robust_torch import robust_fit_torch
 
-        coef = np.empty((bulk.shape[0], signature.shape[1]))
-        weights = np.empty_like(bulk)
-        for start in range(0, bulk.shape[0], DEVICE_FIT_CHUNK):
-            rows = slice(start, start + DEVICE_FIT_CHUNK)
-            coef[rows], weights[rows] = robust_fit_torch(
-                bulk[rows],
-                signature,
-                None if initial is None else initial[rows],
-                n_rounds,
-                weight_cap,
-                tukey_cutoff,
-                estimate_power,
-                device,
-                ROUND_TOLERANCE,
-                (ROUND_SWEEPS, ROUND_SWEEP_TOLERANCE),
-                (VARIANCE_POWER_BINS, *VARIANCE_POWER_RANGE),
-            )
-        return coef, weights
-    # The rounds alternate compiled kernels on numba's threads with matrix products: OpenBLAS's
-    # threads spin after each product and slowed the kernels 1.7x. One BLAS thread meanwhile.
-    with threadpool_limits(limits=1, user_api="blas"):
-        if bulk.shape[0] <= FIT_CHUNK:
-            return _robust_fit_rows(
-                bulk, signature, initial, n_rounds, weight_cap, tukey_cutoff, estimate_power
-            )
+        fit_rows = functools.partial(
+            robust_fit_torch,
+            **common,
+            device=device,
+            round_tolerance=ROUND_TOLERANCE,
+            sweeps=(ROUND_SWEEPS, ROUND_SWEEP_TOLERANCE),
+            power_options=(VARIANCE_POWER_BINS, *VARIANCE_POWER_RANGE),
+        )
+        chunk, blas = DEVICE_FIT_CHUNK, contextlib.nullcontext()
+    else:
+        fit_rows = functools.partial(_robust_fit_rows, **common)
+        # The rounds alternate compiled kernels on numba's threads with matrix products:
+        # OpenBLAS's threads spin after each product and slowed the kernels 1.7x. One BLAS
+        # thread meanwhile.
+        chunk, blas = FIT_CHUNK, threadpool_limits(limits=1, user_api="blas")
+    with blas:
+        if bulk.shape[0] <= chunk:
+            return fit_rows(bulk=bulk, initial=initial)
         # every sample's fit is its own: a chunk of samples at a time bounds the working memory
         coef = np.empty((bulk.shape[0], signature.shape[1]))
         weights = np.empty_like(bulk)
-        for start in range(0, bulk.shape[0], FIT_CHUNK):
-            rows = slice(start, start + FIT_CHUNK)
-            coef[rows], weights[rows] = _robust_fit_rows(
-                bulk[rows],
-                signature,
-                None if initial is None else initial[rows],
-                n_rounds,
-                weight_cap,
-                tukey_cutoff,
-                estimate_power,
+        for start in range(0, bulk.shape[0], chunk):
+            rows = slice(start, start + chunk)
+            coef[rows], weights[rows] = fit_rows(
+                bulk=bulk[rows], initial=None if initial is None else initial[rows]
             )
     return coef, weights
 

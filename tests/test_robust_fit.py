@@ -347,9 +347,12 @@ def test_a_model_on_an_accelerator_fits_there(monkeypatch, trained, test_bulk):
     that is not the CPU (here: a recorded call in place of a GPU)."""
     calls = []
 
-    def record(*args):
-        calls.append(args[7])
-        return robust_dampened_fit(*args[:7])
+    def record(bulk, initial, device, **kwargs):
+        calls.append(device)
+        options = {k: kwargs[k] for k in ("weight_cap", "tukey_cutoff", "estimate_power")}
+        return robust_dampened_fit(
+            bulk, kwargs["signature"], initial, kwargs["n_rounds"], **options
+        )
 
     monkeypatch.setattr("hpvade._robust_torch.robust_fit_torch", record)
     monkeypatch.setattr("hpvade._solvers.DEVICE_FIT_CHUNK", 3)  # 5 samples: two chunks
