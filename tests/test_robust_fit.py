@@ -7,6 +7,7 @@ import warnings
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 from scipy.stats import spearmanr
 
 import hpvade
@@ -306,10 +307,21 @@ def test_the_robust_fit_by_chunks_of_samples_equals_one_call(monkeypatch):
     np.testing.assert_array_equal(weights == 0, whole_weights == 0)
 
 
+@pytest.mark.parametrize(
+    "device",
+    [
+        "cpu",
+        pytest.param(
+            "cuda",
+            marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device"),
+        ),
+    ],
+)
 @pytest.mark.parametrize("estimate_power", [True, False])
-def test_the_robust_fit_in_torch_equals_the_compiled_kernels(estimate_power):
-    """The accelerator path (``hpvade._robust_torch``, run here on the CPU) against the
-    compiled kernels: the same rounds, weights, solves and stops (measured 3e-15)."""
+def test_the_robust_fit_in_torch_equals_the_compiled_kernels(estimate_power, device):
+    """The accelerator path (``hpvade._robust_torch``; on the CPU everywhere, on a GPU where
+    there is one) against the compiled kernels: the same rounds, weights, solves and stops
+    (measured 3e-15 here; 3.2e-15 on an H200, `benchmarks/results/scale_gpu.md`)."""
     from hpvade import _solvers
     from hpvade._robust_torch import robust_fit_torch
 
@@ -331,7 +343,7 @@ def test_the_robust_fit_in_torch_equals_the_compiled_kernels(estimate_power):
             _solvers.WEIGHT_CAP,
             _solvers.TUKEY_CUTOFF,
             estimate_power,
-            "cpu",
+            device,
             _solvers.ROUND_TOLERANCE,
             (_solvers.ROUND_SWEEPS, _solvers.ROUND_SWEEP_TOLERANCE),
             (_solvers.VARIANCE_POWER_BINS, *_solvers.VARIANCE_POWER_RANGE),
