@@ -14,6 +14,8 @@ import math
 import numpy as np
 import torch
 
+from hpvade._solvers import unweighted_start
+
 #: log(x) as log2(x) × ln 2, as the compiled kernels compute it
 LN2 = math.log(2.0)
 
@@ -122,17 +124,10 @@ def robust_fit_torch(
     b = torch.as_tensor(np.ascontiguousarray(bulk), **options)
     s = torch.as_tensor(np.ascontiguousarray(signature), **options)
     n_samples, n_types = b.shape[0], s.shape[1]
-    gram = s.T @ s
-    linear = b @ s
-    if initial is None:
-        coef = torch.zeros(n_samples, n_types, **options)
-    else:
-        coef = torch.as_tensor(np.asarray(initial, dtype=float), **options)
-        curvature = torch.einsum("sk,kl,sl->s", coef, gram, coef)
-        total = (coef * linear).sum(dim=1) / torch.clamp(curvature, min=1e-300)
-        coef = torch.clamp(coef * total[:, None], min=0.0)
-    # the unweighted start: every sample shares one Gram matrix
-    coef = _solve(gram.expand(n_samples, n_types, n_types), linear, coef, 2000, 1e-10)
+    # the unweighted start, as the CPU path computes it (one shared Gram matrix: its up to
+    # 2,000 sweeps are cheap compiled and would be thousands of kernel launches here)
+    start = unweighted_start(np.ascontiguousarray(bulk), np.ascontiguousarray(signature), initial)
+    coef = torch.as_tensor(start, **options)
     upper = torch.triu_indices(n_types, n_types, device=b.device)
     outer = s[:, upper[0]] * s[:, upper[1]]
     weights = torch.ones_like(b)

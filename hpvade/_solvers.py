@@ -80,6 +80,19 @@ def _scaled_start(initial: np.ndarray, gram: np.ndarray, linear: np.ndarray) -> 
     return np.clip(coef, 0.0, None, out=coef)
 
 
+def unweighted_start(bulk: np.ndarray, signature: np.ndarray, initial) -> np.ndarray:
+    """The robust fit's first estimate (samples × types coefficients): unweighted
+    non-negative least squares, every sample sharing one Gram matrix, warm-started at
+    ``initial`` (proportions) scaled to each sample's best total, or at 0."""
+    gram = signature.T @ signature
+    linear = bulk @ signature
+    if initial is None:
+        coef = np.zeros((bulk.shape[0], signature.shape[1]))
+    else:
+        coef = _scaled_start(initial, gram, linear)
+    return _solve_shared(gram, linear, coef)
+
+
 def variance_power(
     bulk: np.ndarray,
     fitted: np.ndarray,
@@ -212,18 +225,12 @@ def _robust_fit_rows(
     matrices one matrix product."""
     bulk, signature = np.ascontiguousarray(bulk), np.ascontiguousarray(signature)
     n_types = signature.shape[1]
-    gram = signature.T @ signature
-    linear = bulk @ signature
-    if initial is None:
-        coef = np.zeros((bulk.shape[0], n_types))
-    else:
-        coef = _scaled_start(initial, gram, linear)
+    coef = unweighted_start(bulk, signature, initial)
     # products of signature columns k <= l: every sample's Gram matrix is one matmul
     upper = np.triu_indices(n_types)
     outer = signature[:, upper[0]] * signature[:, upper[1]]
     rows = np.arange(bulk.shape[0])  # the samples whose coefficients still move
     moved = np.empty(bulk.shape[0])
-    _solve_shared(gram, linear, coef)  # the unweighted start: one Gram matrix for all
     weights = np.ones_like(bulk)
     block = np.empty_like(bulk)
     log_bulk = np.log2(bulk + 1.0)
