@@ -9,8 +9,9 @@ proportion; each gene's bulk expression is then split among the types in proport
 ``proportion × state-aware profile`` (the expectation BayesPrism uses, with per-sample
 profiles in place of the reference's), after each type's profile is adapted gene by gene to
 the samples' donors, as far as the cohort shows how they differ (:func:`cohort_type_factors`).
-The states are used only where they fit the bulk better than the reference's average type
-profiles do (:func:`state_fit_gain`).
+
+How far each type's fitted state weights are followed is decided per type by the cohort
+(:mod:`hpvade._state_evidence`).
 """
 
 from __future__ import annotations
@@ -37,12 +38,6 @@ LOG_PSEUDOCOUNT = 0.1
 #: Adam steps of the state fit, and its learning rate.
 STATE_FIT_STEPS = 300
 STATE_FIT_LR = 0.1
-#: Least relative gain of the state fit over the reference profiles for the states to be used
-#: (:func:`state_fit_gain`). The state weights are fitted to the bulk, so they gain a little
-#: even when the states carry nothing the samples have: 0.6-1.1 % where a type's states are
-#: random halves of identical cells (the tests' synthetic data, three seeds). Kang 2018:
-#: +3.3 to +4.0 % with both conditions in the reference, −2.5 to −2.1 % with control cells only.
-MIN_STATE_FIT_GAIN = 0.02
 #: Samples fitted together (bounds the working memory: samples × genes × a few floats).
 STATE_FIT_CHUNK = 1024
 #: Weight, in samples, of the prior that keeps each type's profile at the reference's in
@@ -194,27 +189,6 @@ def mixed_profiles(proportions: np.ndarray, profiles: list[np.ndarray]) -> np.nd
     for k, profile in enumerate(profiles):
         total += proportions[:, k, None] * profile
     return total
-
-
-def state_fit_gain(
-    bulk_cpm: np.ndarray,
-    proportions: np.ndarray,
-    profiles: list[np.ndarray],
-    signature: np.ndarray,
-) -> float:
-    """How much better the state-aware mixture fits the bulk than the reference signature's:
-    ``1 - loss(states) / loss(S)``, with the state fit's loss (squared log errors, summed
-    over samples and genes) and the same proportions.
-
-    Negative when the states fit worse, as where the reference lacks the samples' states
-    (``MIN_STATE_FIT_GAIN`` has the measured values).
-    """
-    state_fit = mixed_profiles(proportions, profiles)
-    target = np.log(bulk_cpm + LOG_PSEUDOCOUNT)
-    state_loss = np.square(np.log(state_fit + LOG_PSEUDOCOUNT) - target).sum()
-    signature_fit = proportions @ signature.T
-    signature_loss = np.square(np.log(signature_fit + LOG_PSEUDOCOUNT) - target).sum()
-    return float(1.0 - state_loss / max(signature_loss, 1e-300))
 
 
 def cohort_type_factors(

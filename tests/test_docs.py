@@ -109,6 +109,8 @@ LAYERS = {
     ("_constants", "_exceptions", "_compat", "_logging"): (),
     # layer 1 and each other, except _states, which nothing below model/ imports
     FUNCTIONS: ("_constants", "_exceptions", "_compat", *(m for m in FUNCTIONS if m != "_states")),
+    # the cells states' evidence builds on _states alone
+    ("_state_evidence",): ("_constants", "_states"),
     ("module",): ("_constants", "_exceptions", "_compat", "_solvers", "module"),
     ("train",): ("_constants", "_exceptions", "module", "train"),
     ("pp", "tl", "metrics", "baselines", "datasets", "pl"): (

@@ -103,23 +103,40 @@ def _allocation(model, bulk, mixture):
         return np.nan_to_num(shares / shares.sum(2, keepdims=True) * 1e6)
 
 
-def test_state_shift_beats_allocation():
+def _log_error(estimate, truth):
+    return float(np.abs(np.log1p(estimate) - np.log1p(truth)).mean())
+
+
+def test_states_help_the_type_that_changes_and_leave_the_other_as_allocation():
+    # types 0 and 1 change state between the samples, type 2 does not
     ref, bulk, truth = _state_shift_data()
     model = train_briefly(ref, max_epochs=40, labels_key="cell_type", counts_layer="counts")
     mixture = model.get_proportions(bulk.copy(), kind="rna").to_numpy()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         expression = model.get_cell_type_expression(bulk)
-    assert not [w for w in caught if "cell states fit" in str(w.message)]  # states used
-    by_type = _allocation(model, bulk, mixture)
+    assert not [w for w in caught if "states moved" in str(w.message)]
+    evidence = model.state_evidence_
+    assert list(evidence.columns) == ["n_states", "split_half_r", "weight", "profile_shift"]
+    assert (evidence.loc[["type0", "type1"], "weight"] > 0.5).all(), evidence
+    # the type that does not change: its states barely move its profile
+    assert evidence.loc["type2", "profile_shift"] < 0.01, evidence
+    assert expression["type0"].attrs["hpvade_state_evidence"] == evidence.loc["type0"].to_dict()
+    allocation = model.get_cell_type_expression(bulk, use_states=False)
     for k, genes in ((0, range(0, 20)), (1, list(range(0, 10)) + list(range(20, 30)))):
         present = mixture[:, k] > 0.05
-        allocation = by_type[present, k]
-        estimate = expression[f"type{k}"].to_numpy()[present]
-        r_allocation = _median_gene_r(allocation, truth[present, k], genes)
-        r_estimate = _median_gene_r(estimate, truth[present, k], genes)
+        r_allocation = _median_gene_r(
+            allocation[f"type{k}"].to_numpy()[present], truth[present, k], genes
+        )
+        r_estimate = _median_gene_r(
+            expression[f"type{k}"].to_numpy()[present], truth[present, k], genes
+        )
         assert r_estimate > r_allocation + 0.1, (k, r_estimate, r_allocation)
         assert r_estimate > 0.8, (k, r_estimate)
+    present = mixture[:, 2] > 0.05
+    unchanged = _log_error(expression["type2"].to_numpy()[present], truth[present, 2])
+    allocated = _log_error(allocation["type2"].to_numpy()[present], truth[present, 2])
+    assert unchanged < allocated + 0.01, (unchanged, allocated)
 
 
 def test_a_cohort_sets_its_donors_type_profiles():
@@ -167,20 +184,73 @@ def test_cohort_factors_fit_across_samples_and_keep_a_single_sample_near_the_pro
     assert np.allclose(cohort_type_factors(bulk, proportions, empty)[5], 1.0)
 
 
-def test_states_the_reference_lacks_fall_back_to_allocation():
+def test_states_the_reference_lacks_get_no_weight():
+    # the reference holds control cells only: each type's two states are halves of alike
+    # cells, whose fitted weights do not agree between two halves of the genes
     ref, bulk, truth = _state_shift_data(control_only=True)
     model = train_briefly(ref, max_epochs=40, labels_key="cell_type", counts_layer="counts")
-    mixture = model.get_proportions(bulk.copy(), kind="rna").to_numpy()
-    with pytest.warns(UserWarning, match="fit these 80 bulk samples no better.*use_states=True"):
-        expression = model.get_cell_type_expression(bulk)
-    allocation = _allocation(model, bulk, mixture)
-    for k, name in enumerate(model.cell_types):
-        np.testing.assert_allclose(expression[name].to_numpy(), allocation[:, k], rtol=1e-6)
-    # forced, the control states move the stimulated genes onto the wrong types
+    expression = model.get_cell_type_expression(bulk)
+    evidence = model.state_evidence_
+    assert (evidence.loc[["type0", "type1"], "weight"] < 0.1).all(), evidence
+    assert (evidence["profile_shift"] < 0.01).all(), evidence
+    allocation = model.get_cell_type_expression(bulk, use_states=False)
+    for k in range(3):
+        estimate = _log_error(expression[f"type{k}"].to_numpy(), truth[:, k])
+        assert estimate < _log_error(allocation[f"type{k}"].to_numpy(), truth[:, k]) + 0.01
+    # forced, every type's fitted states are followed fully
     forced = model.get_cell_type_expression(bulk, use_states=True)
-    assert not np.allclose(forced["type0"].to_numpy(), allocation[:, 0], rtol=1e-3)
+    assert (model.state_evidence_["weight"] == 1.0).all()
+    assert not np.allclose(forced["type0"].to_numpy(), expression["type0"].to_numpy(), rtol=1e-3)
+    mixture = model.get_proportions(bulk.copy(), kind="rna").to_numpy()
     never = model.get_cell_type_expression(bulk, use_states=False)
-    np.testing.assert_allclose(never["type2"].to_numpy(), allocation[:, 2], rtol=1e-6)
+    np.testing.assert_allclose(
+        never["type2"].to_numpy(), _allocation(model, bulk, mixture)[:, 2], rtol=1e-6
+    )
+    assert (model.state_evidence_["weight"] == 0.0).all()
+
+
+def test_a_single_sample_gets_allocation_with_a_warning_naming_the_types():
+    ref, bulk, _ = _state_shift_data(n_bulks=40)
+    model = train_briefly(ref, max_epochs=20, labels_key="cell_type", counts_layer="counts")
+    one = bulk[:1].copy()
+    with pytest.warns(UserWarning, match=r"No cell type's states moved.*type0, type1.*cohort"):
+        model.get_cell_type_expression(one)
+    assert (model.state_evidence_["weight"] == 0.0).all()
+    assert model.state_evidence_["split_half_r"].isna().all()
+
+
+def test_evidence_weights_follow_the_split_half_agreement():
+    from hpvade._state_evidence import evidence_weighted_profiles
+    from hpvade._states import CellStates
+
+    # type 0's states differ on genes 0-39 and its samples' mixes vary; type 1's states are
+    # identical but for noise on a few genes, and its samples all hold the reference's mix
+    rng = np.random.default_rng(0)
+    n_genes, n_samples = 400, 120
+    base = rng.gamma(1.0, 1.0, size=(2, n_genes)) + 0.05
+    states = np.repeat(base, 2, axis=0)  # states of type 0, 0, 1, 1
+    states[1, :40] *= 6.0
+    states[3, 300:305] *= 1.05
+    states = states / states.sum(axis=1, keepdims=True) * 1e6
+    cell_type = np.array([0, 0, 1, 1])
+    frequencies = np.full(4, 0.5)
+    cells = CellStates(states.T.copy(), cell_type, frequencies)
+    signature = np.stack([states[:2].mean(0), states[2:].mean(0)], axis=1)
+    proportions = rng.dirichlet(np.ones(2) * 3, n_samples)
+    u = rng.random(n_samples)
+    type0 = (1 - u)[:, None] * states[0] + u[:, None] * states[1]
+    type1 = 0.5 * states[2] + 0.5 * states[3]
+    bulk = proportions[:, [0]] * type0 + proportions[:, [1]] * type1
+    bulk = rng.poisson(bulk * 20) / 20.0
+    profiles, evidence = evidence_weighted_profiles(bulk, proportions, cells, signature)
+    assert evidence.weight[0] > 0.9 and evidence.split_half_r[0] > 0.8, evidence
+    assert evidence.weight[1] < 0.3, evidence
+    moved = np.log(profiles[0][:, :40] / signature[:40, 0])
+    assert np.corrcoef(moved.mean(axis=1), u)[0, 1] > 0.9
+    # a single sample: no evidence, the reference profiles
+    single, none = evidence_weighted_profiles(bulk[:1], proportions[:1], cells, signature)
+    assert (none.weight == 0).all() and np.isnan(none.split_half_r).all()
+    np.testing.assert_array_equal(single[0], signature[:, 0])
 
 
 def test_state_aware_proportions_are_proportions(trained, test_bulk):

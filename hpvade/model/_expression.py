@@ -12,15 +12,12 @@ import torch
 from anndata import AnnData
 from scvi import settings
 
+from hpvade._state_evidence import StateEvidence, evidence_weighted_profiles
 from hpvade._states import (
-    MIN_STATE_FIT_GAIN,
     CellStates,
     allocate,
     cluster_states,
     cohort_type_factors,
-    fit_state_weights,
-    sample_profiles,
-    state_fit_gain,
     state_profiles,
 )
 from hpvade.data._bulk import as_bulk_anndata
@@ -31,6 +28,9 @@ logger = logging.getLogger(__name__)
 
 #: Reference cells per type that define its states (a random subset of larger types).
 MAX_CELLS_PER_TYPE_FOR_STATES = 2000
+#: A type whose states get less than this weight is named in the warning given when no
+#: type's states move the estimates (the estimate itself has no threshold).
+LOW_STATE_WEIGHT = 0.1
 
 
 class ExpressionMixin:
@@ -83,21 +83,25 @@ class ExpressionMixin:
         Every type's reference cells form states: clusters in the VAE's latent space, each
         with a profile from its cells and the decoder. For each sample, the weights of each
         type's states are fitted to the bulk (with the type's share held at the proportions
-        :meth:`get_proportions` serves), giving a state-aware profile per sample and type;
-        each gene's bulk expression is then split among the types in proportion to
-        ``proportion × profile``. A type whose cells are stimulated in some samples and not
-        in others is thus told apart from a type that is not, where the reference holds both
-        states. Before the split, each type's profiles are adapted gene by gene to the
-        samples' donors: a factor per gene and type, fitted across the samples (least squares
-        of the bulk on ``proportion × profile``) and pulled towards 1 with the weight of 10
-        samples: a cohort of hundreds sets its own, a few samples stay nearer the reference's.
-        Pass the samples of a cohort together. Nothing is written to ``bulk``.
+        :meth:`get_proportions` serves). How far each type's fitted weights are followed is
+        decided per type by the cohort: the weights are fitted again on two disjoint halves
+        of the genes, and their agreement across the samples (split-half correlation r,
+        stepped up to all genes as ``2r / (1 + r)``) is the share of the fitted change from
+        the reference's state mix that is served. A type whose states track what changes
+        between the samples gets a profile per sample; a type whose fitted weights are noise,
+        or absorb changes its states do not hold, stays near its reference profile. There is
+        no threshold: the estimate moves smoothly from allocation to the state-aware split as
+        the evidence grows. Each type's profiles are then adapted gene by gene to the
+        samples' donors: a factor per gene and type, fitted across the samples (least
+        squares of the bulk on ``proportion × profile``) and pulled towards 1 with the weight
+        of 10 samples. Each gene's bulk expression is finally split among the types in
+        proportion to ``proportion × profile``. Pass the samples of a cohort together: the
+        evidence comes from the differences between them (a single sample gets allocation).
 
-        Where the reference lacks the samples' states, fitting its states pushes the change
-        onto the wrong types. So the states are used only when, over all the samples of the
-        call, they fit the bulk better than the reference's average type profiles (squared
-        errors of log CPM at least 2 % lower); otherwise each gene's bulk is split by
-        ``proportion × reference profile`` (allocation) and a warning says so.
+        What was used is kept in :attr:`state_evidence_` (one row per type: ``n_states``,
+        ``split_half_r``, ``weight``, ``profile_shift``) and in each returned frame's
+        ``attrs["hpvade_state_evidence"]``. Nothing is written to ``bulk``. When no type's
+        states get weight 0.1, a warning names the types and what to do.
 
         Parameters
         ----------
@@ -108,9 +112,11 @@ class ExpressionMixin:
         cell_types
             Types to return; ``None``: all.
         use_states
-            ``None`` (default): use the states where they fit the samples better than the
-            reference profiles, as above (a model built with ``use_vae=False`` has none: it
-            warns and allocates). ``True``: always; ``False``: never (allocation).
+            ``None`` (default): each type's states weighted by the evidence, as above (a
+            model built with ``use_vae=False`` has none: it warns and allocates). ``True``:
+            every type's fitted state weights followed fully (weight 1), whatever the
+            evidence; ``False``: none, and no cohort factors (allocation by the reference
+            profiles).
 
         Returns
         -------
@@ -126,6 +132,7 @@ class ExpressionMixin:
         cpm = cpm[:, genes]
         signature = self.reference_signature_[genes]
         profiles = list(signature.T)  # allocation by the reference profiles
+        evidence = None
         if use_states is None and not self.module.use_vae:
             warnings.warn(
                 "This model was built with `use_vae=False` and has no cell states: each gene's "
@@ -135,43 +142,79 @@ class ExpressionMixin:
                 stacklevel=2,
             )
         elif use_states is not False:
-            state_aware = self._state_aware_profiles(cpm, mixture, genes)
-            gain = state_fit_gain(cpm, mixture, state_aware, signature)
-            logger.info(
-                "Cell states fit the bulk %.1f%% better than the reference profiles.", 100 * gain
+            state_aware, evidence = self._evidence_weighted_profiles(
+                cpm, mixture, genes, force=bool(use_states)
             )
-            if use_states or gain >= MIN_STATE_FIT_GAIN:
-                factors = cohort_type_factors(cpm, mixture, state_aware)
-                profiles = [profile * factors[:, k] for k, profile in enumerate(state_aware)]
-            else:
-                change = f"{abs(100 * gain):.1f}% {'lower' if gain >= 0 else 'higher'}"
-                warnings.warn(
-                    f"The reference's cell states fit these {bulk.n_obs} bulk samples no better "
-                    f"than its average cell-type profiles (log-scale error {change}; "
-                    f"{100 * MIN_STATE_FIT_GAIN:.0f}% lower needed): the samples are probably in "
-                    "states the reference lacks. Each gene's bulk is split among the types by "
-                    "their reference profiles instead (allocation). Use a reference that holds "
-                    "the states expected in the samples, or pass `use_states=True` to use its "
-                    "states regardless.",
-                    UserWarning,
-                    stacklevel=2,
-                )
+            factors = cohort_type_factors(cpm, mixture, state_aware)
+            profiles = [profile * factors[:, k] for k, profile in enumerate(state_aware)]
+            if use_states is None:
+                self._warn_if_no_state_moved(evidence, bulk.n_obs)
+        self.state_evidence_ = self._evidence_frame(evidence)
         index, columns = bulk.obs_names.copy(), self.var_names[genes]
         shares = allocate(cpm, mixture, profiles, [self.cell_types.get_loc(n) for n in wanted])
         result = {
             name: pd.DataFrame(shares[self.cell_types.get_loc(name)], index, columns)
             for name in wanted
         }
+        for name, frame in result.items():
+            frame.attrs["hpvade_state_evidence"] = self.state_evidence_.loc[name].to_dict()
         logger.info("Cell-type expression of %d samples, %d types.", bulk.n_obs, len(wanted))
         return result
 
-    def _state_aware_profiles(self, cpm, mixture, genes) -> list[np.ndarray]:
-        """Each type's state-aware profile per sample (samples × ``genes``), the state weights
-        fitted to ``cpm`` with the types' shares held at ``mixture``."""
+    def _evidence_weighted_profiles(
+        self, cpm, mixture, genes, force: bool = False
+    ) -> tuple[list[np.ndarray], StateEvidence]:
+        """Each type's profile per sample (samples × ``genes``), its states followed as far
+        as the samples support (:func:`hpvade._state_evidence.evidence_weighted_profiles`)."""
         states = self.cell_states()
         states = CellStates(states.profiles[genes], states.cell_type, states.frequencies)
-        weights = fit_state_weights(cpm, mixture, states)
-        return [sample_profiles(weights, states, k) for k in range(len(self.cell_types))]
+        signature = self.reference_signature_[genes]
+        profiles, evidence = evidence_weighted_profiles(cpm, mixture, states, signature, force)
+        logger.info(
+            "Cell states' weights per type: %s.",
+            ", ".join(
+                f"{t} {w:.2f}" for t, w in zip(self.cell_types, evidence.weight, strict=True)
+            ),
+        )
+        return profiles, evidence
+
+    def _evidence_frame(self, evidence: StateEvidence | None) -> pd.DataFrame:
+        """:class:`~hpvade._state_evidence.StateEvidence` as a DataFrame (types × fields); all
+        weights 0 where the states were not used."""
+        n_types = len(self.cell_types)
+        if evidence is None:
+            evidence = StateEvidence(
+                np.zeros(n_types, dtype=np.int64),
+                np.full(n_types, np.nan),
+                np.zeros(n_types),
+                np.zeros(n_types),
+            )
+        return pd.DataFrame(
+            {
+                "n_states": evidence.n_states,
+                "split_half_r": evidence.split_half_r,
+                "weight": evidence.weight,
+                "profile_shift": evidence.profile_shift,
+            },
+            index=pd.Index(self.cell_types, name="cell_type"),
+        )
+
+    def _warn_if_no_state_moved(self, evidence: StateEvidence, n_samples: int) -> None:
+        with_states = evidence.n_states > 1
+        if not with_states.any() or (evidence.weight[with_states] >= LOW_STATE_WEIGHT).any():
+            return
+        names = ", ".join(str(t) for t in self.cell_types[with_states])
+        warnings.warn(
+            f"No cell type's states moved its expression in these {n_samples} bulk samples "
+            f"({names}: state weights below {LOW_STATE_WEIGHT}; see `model.state_evidence_`): "
+            "their fitted state mixes did not agree between two halves of the genes, so each "
+            "type's profile stays at the reference's (allocation, adapted to the cohort). "
+            "Pass the samples of a cohort together (the evidence comes from the differences "
+            "between them), use a reference that holds the states expected in the samples, "
+            "or pass `use_states=True` to follow the fitted states regardless.",
+            UserWarning,
+            stacklevel=3,
+        )
 
     def cell_states(self) -> CellStates:
         """The reference's cell states (computed once, then kept in ``cell_states_``)."""

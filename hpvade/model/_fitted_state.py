@@ -51,6 +51,13 @@ FITTED_STATE = (
         "the reference's cell states (latent clusters) and their profiles",
     ),
     FittedAttribute(
+        "state_evidence_",
+        "get_cell_type_expression",
+        ("train",),
+        "per cell type, how far its states moved the last call's estimates and on what "
+        "evidence (n_states, split_half_r, weight, profile_shift)",
+    ),
+    FittedAttribute(
         "adaptation_",
         "adapt",
         ("train", "adapt"),
