@@ -276,3 +276,41 @@ def test_view_anndata_setup_works_with_current_rich(trained, capsys):
     """scvi-tools 1.4.2 uses rich.pretty without importing it (issue "First contact" 1)."""
     trained.view_anndata_setup()
     assert "bulk_labels" in capsys.readouterr().out
+
+
+def test_the_vae_models_a_subset_of_a_wide_reference_and_loads_without_data(
+    pbmc_split, test_bulk, tmp_path
+):
+    ref = pbmc_split[0].copy()
+    scvi.settings.seed = 0
+    hpvade.HPVADE.setup_anndata(ref, labels_key="bulk_labels")
+    model = hpvade.HPVADE(ref, vae_genes=300)
+    index = model.module.vae_gene_index.numpy()
+    assert index.size == 300 and np.all(np.diff(index) > 0)
+    # the markers come first, then the genes whose log1p values vary most
+    chosen = set(model.var_names[index])
+    markers = set(model.selected_genes_)
+    assert chosen <= markers if len(markers) >= 300 else markers <= chosen
+    assert model.module.encoder.encoder.fc_layers[0][0].in_features == 300
+    assert model.module.signature().shape == (ref.n_vars, 10)  # S keeps every gene
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model.train(max_epochs=5, enable_progress_bar=False)
+        expression = model.get_cell_type_expression(test_bulk.copy())
+        ratios = model.signature_draws(3)
+    frame = expression[model.cell_types[0]]
+    assert frame.shape[1] == ref.n_vars
+    np.testing.assert_allclose(frame.sum(axis=1)[frame.sum(axis=1) > 0], 1e6, rtol=1e-6)
+    assert ratios.shape == (3, ref.n_vars, 10)
+    outside = np.setdiff1d(np.arange(ref.n_vars), index)
+    assert np.all(ratios[:, outside] == 1.0) and not np.allclose(ratios[:, index], 1.0)
+    model.save(tmp_path / "wide", overwrite=True)
+    loaded = hpvade.HPVADE.load(tmp_path / "wide")  # no data: the genes come with the model
+    np.testing.assert_array_equal(loaded.module.vae_gene_index.numpy(), index)
+    with pytest.raises(ValueError, match="vae_genes.*got 'some'"):
+        hpvade.HPVADE(ref, vae_genes="some")
+
+
+def test_a_reference_of_up_to_8000_genes_keeps_every_gene_in_the_vae(trained):
+    assert trained.module.vae_gene_index is None
+    assert trained.module.n_vae_genes == len(trained.var_names)

@@ -6,7 +6,10 @@ import logging
 
 import numpy as np
 import pandas as pd
+import scipy.sparse as sp
 from anndata import AnnData
+
+from hpvade.data._matrix import iter_row_chunks
 
 logger = logging.getLogger(__name__)
 
@@ -120,3 +123,53 @@ def resolve_gene_selection(genes, var_names: pd.Index, markers) -> pd.Index:
     if len(chosen) < 2:
         raise ValueError("`genes` must name at least 2 reference genes.")
     return chosen
+
+
+#: Most genes the VAE models by default; a reference with more keeps its most variable genes
+#: and the markers (S and the deconvolution network keep every gene).
+MAX_VAE_GENES = 8000
+
+
+def variable_genes(adata: AnnData, layer: str | None, n_genes: int) -> np.ndarray:
+    """Indices of the ``n_genes`` genes whose log1p values vary most across cells (sorted),
+    read a chunk of cells at a time (sparse or backed references are never densified)."""
+    total = np.zeros(adata.n_vars)
+    squares = np.zeros(adata.n_vars)
+    for _, _, block in iter_row_chunks(adata, layer):
+        if sp.issparse(block):
+            total += np.asarray(block.sum(axis=0)).ravel()
+            squares += np.asarray(block.multiply(block).sum(axis=0)).ravel()
+        else:
+            total += block.sum(axis=0)
+            squares += np.square(block, dtype=np.float64).sum(axis=0)
+    mean = total / max(adata.n_obs, 1)
+    variance = squares / max(adata.n_obs, 1) - mean**2
+    return np.sort(np.argsort(-variance, kind="stable")[:n_genes])
+
+
+def resolve_vae_genes(vae_genes, var_names: pd.Index, variable, markers: pd.Index):
+    """The genes the VAE models, from the model's ``vae_genes`` argument: ``None`` for all,
+    or a sorted array of indices into ``var_names``.
+
+    ``"auto"``: all genes up to ``MAX_VAE_GENES``; above it, the markers and the most
+    variable genes (``variable(n)``, called only then) up to that many. ``"all"``; an int:
+    that many genes, chosen as ``"auto"`` chooses; a list of gene names.
+    """
+    if isinstance(vae_genes, str) and vae_genes not in ("auto", "all"):
+        raise ValueError(
+            f'`vae_genes` must be "auto", "all", a number of genes or a list of gene names, '
+            f"got {vae_genes!r}."
+        )
+    if vae_genes == "all":
+        return None
+    if isinstance(vae_genes, str | int | np.integer):
+        n_genes = MAX_VAE_GENES if vae_genes == "auto" else int(vae_genes)
+        if n_genes < 2:
+            raise ValueError(f"`vae_genes` must be at least 2 genes, got {n_genes}.")
+        if n_genes >= len(var_names):
+            return None
+        chosen = np.flatnonzero(var_names.isin(markers))[:n_genes]
+        extra = [g for g in variable(n_genes) if g not in set(chosen)]
+        return np.sort(np.concatenate([chosen, extra[: n_genes - chosen.size]]).astype(np.int64))
+    names = resolve_gene_selection(vae_genes, var_names, markers=None)
+    return np.sort(var_names.get_indexer(names)).astype(np.int64)

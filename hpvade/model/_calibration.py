@@ -232,6 +232,12 @@ class CalibrationMixin:
             index = torch.as_tensor(sub_codes[picks], device=device)
             aggregate.index_add_(0, index, decoded[torch.as_tensor(picks, device=device)])
             profiles.append((aggregate / aggregate.sum(1, keepdim=True)).double().cpu().numpy())
-        profiles = np.stack(profiles)  # draws × types × genes
+        profiles = np.stack(profiles)  # draws × types × the VAE's genes
         ratios = profiles / np.maximum(profiles.mean(axis=0, keepdims=True), 1e-30)
-        return ratios.transpose(0, 2, 1)
+        genes = self.module.vae_gene_index
+        if genes is None:
+            return ratios.transpose(0, 2, 1)
+        # genes the VAE does not model keep their reference value in every draw
+        full = np.ones((n_draws, len(self.var_names), n_types), dtype=ratios.dtype)
+        full[:, genes.cpu().numpy()] = ratios.transpose(0, 2, 1)
+        return full

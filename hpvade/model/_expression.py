@@ -256,6 +256,15 @@ class ExpressionMixin:
         indicator = indicator_matrix(state_of_cell, n_states, subset, codes.size)
         aggregated = mix_cells(self.adata, indicator, *self._linear_source())
         decoded_sum = self._decoded_by_state(latent, library, state_of_cell, subset, n_states)
+        genes = self.module.vae_gene_index
+        if genes is not None:
+            # genes the VAE does not model: the aggregate alone, on the decoded sums' scale
+            genes = genes.cpu().numpy()
+            full = np.asarray(aggregated, dtype=np.float64).copy()
+            scale = decoded_sum.sum(axis=1) / np.maximum(full[:, genes].sum(axis=1), 1e-300)
+            full *= scale[:, None]
+            full[:, genes] = decoded_sum
+            decoded_sum = full
         logger.info("Cell states: %d over %d types.", n_states, n_types)
         return state_profiles(aggregated, decoded_sum, state_type, self.reference_signature_)
 
@@ -265,7 +274,7 @@ class ExpressionMixin:
         weights = torch.as_tensor(self._cell_totals()[subset], device=latent.device)
         index = torch.as_tensor(state_of_cell, device=latent.device)
         total = torch.zeros(
-            n_states, self.module.n_input, dtype=torch.float64, device=latent.device
+            n_states, self.module.n_vae_genes, dtype=torch.float64, device=latent.device
         )
         for start in range(0, subset.size, 1024):
             rows = slice(start, start + 1024)

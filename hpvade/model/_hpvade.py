@@ -61,17 +61,15 @@ class HPVADE(
         Reference registered with :meth:`setup_anndata`.
     registry
         Saved registry, used by :meth:`load` when no AnnData is given.
-    n_hidden
-        Hidden units per layer.
-    n_latent
-        Dimensionality of the latent space.
-    n_layers
-        Hidden layers of the encoder and decoder.
-    dropout_rate
-        Dropout rate of the networks.
+    n_hidden, n_latent, n_layers, dropout_rate
+        Hidden units per layer, latent dimensions, hidden layers of the encoder and decoder,
+        and the networks' dropout rate (scvi-tools' names and defaults).
     genes
         Genes of the proportion fit (``selected_genes_``): ``"markers"`` (Wilcoxon markers of
         the reference, 50 a type), ``"all"``, or a list. S and the networks keep every gene.
+    vae_genes
+        Genes the VAE models: ``"auto"`` (all up to 8,000; above, the markers and the most
+        variable genes, 8,000 in all), ``"all"``, a number of genes, or a list.
     **module_kwargs
         Passed to :class:`~hpvade.module.HPVADEModule` (loss weights, ``n_layers_deconv``, ...).
 
@@ -96,6 +94,7 @@ class HPVADE(
         n_layers: int = 1,
         dropout_rate: float = 0.1,
         genes: str | list[str] = "markers",
+        vae_genes: str | int | list[str] = "auto",
         **module_kwargs,
     ):
         super().__init__(adata, registry)
@@ -106,6 +105,9 @@ class HPVADE(
         self.reference_signature_ = None
         use_counts = self.registry_["setup_args"].get("counts_layer") is not None
         signature = self._init_reference_summaries(genes) if adata is not None else None
+        index = self._select_vae_genes(vae_genes)
+        if adata is not None:  # saved as chosen: loading needs neither the data nor the choice
+            vae_genes = "all" if index is None else [str(g) for g in self.var_names[index]]
         self.module = self._module_cls(
             n_input=self.summary_stats.n_vars,
             n_labels=n_labels,
@@ -115,6 +117,7 @@ class HPVADE(
             n_layers=n_layers,
             dropout_rate=dropout_rate,
             use_counts=use_counts,
+            vae_genes=index,
             **module_kwargs,
         )
         self._model_summary_string = (
@@ -231,17 +234,9 @@ class HPVADE(
 
     @classmethod
     def load(cls, dir_path: str, adata: AnnData | None = None, **kwargs):
-        """Load a saved model; with ``adata``, first check it has the model's genes and labels.
-
-        Parameters
-        ----------
-        dir_path
-            Folder written by :meth:`save`.
-        adata
-            The training reference (same genes in order, no new type); ``None``: no data.
-        **kwargs
-            Passed to :meth:`scvi.model.base.BaseModelClass.load`.
-        """
+        """Load a saved model (folder ``dir_path`` written by :meth:`save`); with ``adata``,
+        the training reference (same genes in order, no new type), first check it has the
+        model's genes and labels. ``kwargs``: :meth:`scvi.model.base.BaseModelClass.load`'s."""
         with quiet_third_party():
             if adata is not None:
                 registry = cls.load_registry(dir_path, prefix=kwargs.get("prefix"))

@@ -14,7 +14,12 @@ from scvi import REGISTRY_KEYS, settings
 
 from hpvade._constants import GENE_REPORT_KEY
 from hpvade.data._bulk import bulk_to_cpm, gene_mismatch_hint, gene_report, on_signature_scale
-from hpvade.data._genes import resolve_gene_selection, wilcoxon_markers
+from hpvade.data._genes import (
+    resolve_gene_selection,
+    resolve_vae_genes,
+    variable_genes,
+    wilcoxon_markers,
+)
 from hpvade.data._labels import indicator_matrix
 from hpvade.data._matrix import get_matrix
 from hpvade.data._pseudobulk import (
@@ -78,6 +83,21 @@ class ReferenceMixin:
         )
         logger.info("The proportion fit uses %d of %d genes.", len(selected), self.adata.n_vars)
         return selected
+
+    def _select_vae_genes(self, vae_genes) -> np.ndarray | None:
+        """Indices of the genes the VAE models (see ``vae_genes`` of :class:`~hpvade.HPVADE`);
+        ``None``: all."""
+        layer = self.registry_["setup_args"].get("layer")
+        markers = self.selected_genes_ if self.selected_genes_ is not None else pd.Index([])
+        index = resolve_vae_genes(
+            vae_genes,
+            self.var_names,
+            lambda n: variable_genes(self.adata, layer, n),
+            markers,
+        )
+        n_genes = len(self.var_names) if index is None else index.size
+        logger.info("The VAE models %d of %d genes.", n_genes, len(self.var_names))
+        return index
 
     def _fit_gene_index(self, found: np.ndarray | None = None) -> np.ndarray:
         """Row indices of the selected genes (that the bulk has, given ``found``); every gene

@@ -51,6 +51,9 @@ class HPVADEModule(BaseModuleClass):
     learn_signature
         Let training move S. ``False`` (default) keeps the reference signature: a learned S
         changed no proportion on real bulk (``benchmarks/results/real_ablation.md``).
+    vae_genes
+        Indices of the genes the VAE encodes and reconstructs (``None``: all). S and the
+        deconvolution network keep all ``n_input`` genes.
     """
 
     def __init__(
@@ -70,9 +73,17 @@ class HPVADEModule(BaseModuleClass):
         use_counts: bool = False,
         use_vae: bool = True,
         learn_signature: bool = False,
+        vae_genes: np.ndarray | None = None,
     ):
         super().__init__()
         self.n_input = n_input
+        if vae_genes is None:
+            self.vae_gene_index = None
+        else:
+            # not saved with the weights: the model passes the genes again when it is loaded
+            index = torch.as_tensor(np.asarray(vae_genes, dtype=np.int64))
+            self.register_buffer("vae_gene_index", index, persistent=False)
+        self.n_vae_genes = n_input if vae_genes is None else len(vae_genes)
         self.n_labels = n_labels
         self.n_latent = n_latent
         self.prototype_weight = prototype_weight
@@ -82,15 +93,17 @@ class HPVADEModule(BaseModuleClass):
         self.signature_pseudocount = signature_pseudocount
 
         self.encoder = Encoder(
-            n_input,
+            self.n_vae_genes,
             n_latent,
             n_layers=n_layers,
             n_hidden=n_hidden,
             dropout_rate=dropout_rate,
             return_dist=True,
         )
-        self.decoder = DecoderSCVI(n_latent, n_input, n_layers=n_layers, n_hidden=n_hidden)
-        self.px_r = nn.Parameter(torch.randn(n_input))
+        self.decoder = DecoderSCVI(
+            n_latent, self.n_vae_genes, n_layers=n_layers, n_hidden=n_hidden
+        )
+        self.px_r = nn.Parameter(torch.randn(self.n_vae_genes))
 
         self.deconv_net = FCLayers(
             n_in=n_input,
@@ -183,15 +196,23 @@ class HPVADEModule(BaseModuleClass):
     def _get_generative_input(self, tensors, inference_outputs, **kwargs):
         return {"z": inference_outputs["z"], "library": inference_outputs["library"]}
 
+    def _vae_columns(self, values: torch.Tensor | None) -> torch.Tensor | None:
+        """The columns of the genes the VAE models (all when it models every gene)."""
+        if values is None or self.vae_gene_index is None:
+            return values
+        return values.index_select(-1, self.vae_gene_index)
+
     def _target(self, tensors) -> torch.Tensor:
-        """Linear-scale expression that the VAE reconstructs."""
+        """Linear-scale expression that the VAE reconstructs (its genes)."""
         if self.use_counts:
-            return tensors[COUNTS_KEY]
-        return torch.expm1(tensors[REGISTRY_KEYS.X_KEY])
+            return self._vae_columns(tensors[COUNTS_KEY])
+        return torch.expm1(self._vae_columns(tensors[REGISTRY_KEYS.X_KEY]))
 
     @auto_move_data
     def inference(self, x, bulk=None, counts=None, n_samples: int = 1):
-        """Encode cells (log1p values) and, if given, deconvolve bulk CPM."""
+        """Encode cells (log1p values, all genes: the VAE takes its own) and, if given,
+        deconvolve bulk CPM."""
+        x, counts = self._vae_columns(x), self._vae_columns(counts)
         qz, z = self.encoder(x)
         if n_samples > 1:
             z = qz.sample((n_samples,))
@@ -204,7 +225,7 @@ class HPVADEModule(BaseModuleClass):
 
     @auto_move_data
     def generative(self, z, library):
-        """Decode a normalised profile (softmax over genes) and its NB likelihood."""
+        """Decode a normalised profile (softmax over the VAE's genes) and its NB likelihood."""
         px_scale, _, px_rate, _ = self.decoder("gene", z, library)
         theta = torch.exp(self.px_r)
         return {"px": NegativeBinomial(mu=px_rate, theta=theta), "px_scale": px_scale}
@@ -217,6 +238,9 @@ class HPVADEModule(BaseModuleClass):
         kl_local = kl_local.sum(-1)
 
         signature = self.signature()
+        vae_signature = self._vae_columns(signature.T).T
+        if self.vae_gene_index is not None:  # the VAE's genes, rescaled to CPM
+            vae_signature = vae_signature / vae_signature.sum(0, keepdim=True) * CPM_SCALE
         labels = tensors[REGISTRY_KEYS.LABELS_KEY].long().view(-1)
         cell_cpm = generative_outputs["px_scale"] * CPM_SCALE
         # each cell's prototype as a one-hot product: its gradient is a matrix product, where
@@ -224,7 +248,7 @@ class HPVADEModule(BaseModuleClass):
         one_hot = F.one_hot(labels, self.n_labels).to(signature.dtype)
         # a term of weight 0 is only logged: no graph for it, so no backward pass through it
         with _graph_if(self.use_vae and self.prototype_weight != 0):
-            prototype = F.mse_loss(anscombe(cell_cpm), one_hot @ anscombe(signature).T)
+            prototype = F.mse_loss(anscombe(cell_cpm), one_hot @ anscombe(vae_signature).T)
 
         # reconstruction_loss and kl_local are logged by scvi-tools' ELBO metric already.
         metrics = {"prototype_loss": prototype}
