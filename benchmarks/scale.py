@@ -57,8 +57,15 @@ WRITE_BLOCK = 10_000
 
 
 # ---------------------------------------------------------------------------------- the data
-def synthetic_reference(n_cells: int, seed: int = 0, reads_per_cell: float = 350.0) -> ad.AnnData:
-    """Sparse reference: 20 types with distinct gamma-distributed mean profiles over 5,000 genes.
+def synthetic_reference(
+    n_cells: int,
+    seed: int = 0,
+    reads_per_cell: float = 350.0,
+    n_genes: int = N_GENES,
+    n_types: int = N_TYPES,
+) -> ad.AnnData:
+    """Sparse reference: 20 types (``n_types``) with distinct gamma-distributed mean profiles
+    over 5,000 genes (``n_genes``).
 
     Each cell's library size is negative binomial (gamma-Poisson, shape 4, mean
     ``reads_per_cell``); its reads are multinomial over its type's profile, so counts are
@@ -67,10 +74,10 @@ def synthetic_reference(n_cells: int, seed: int = 0, reads_per_cell: float = 350
     the sparse values directly. Built in chunks of 100k cells, never dense.
     """
     rng = np.random.default_rng(seed)
-    base = rng.gamma(0.3, 1.0, N_GENES)
-    profiles = base[None] * rng.lognormal(0.0, 1.0, (N_TYPES, N_GENES))
+    base = rng.gamma(0.3, 1.0, n_genes)
+    profiles = base[None] * rng.lognormal(0.0, 1.0, (n_types, n_genes))
     cumulative = np.cumsum(profiles / profiles.sum(1, keepdims=True), axis=1)
-    types = rng.integers(0, N_TYPES, n_cells)
+    types = rng.integers(0, n_types, n_cells)
     counts_blocks = []
     for start in range(0, n_cells, 100_000):
         chunk_types = types[start : start + 100_000]
@@ -79,13 +86,13 @@ def synthetic_reference(n_cells: int, seed: int = 0, reads_per_cell: float = 350
         type_of_read = chunk_types[cell_of_read]
         uniform = rng.random(cell_of_read.size)
         gene_of_read = np.empty(cell_of_read.size, np.int64)
-        for t in range(N_TYPES):  # a loop over types, not over cells
+        for t in range(n_types):  # a loop over types, not over cells
             reads = type_of_read == t
             gene_of_read[reads] = np.searchsorted(cumulative[t], uniform[reads])
-        np.minimum(gene_of_read, N_GENES - 1, out=gene_of_read)
+        np.minimum(gene_of_read, n_genes - 1, out=gene_of_read)
         block = sp.csr_matrix(
             (np.ones(cell_of_read.size, np.float32), (cell_of_read, gene_of_read)),
-            shape=(chunk_types.size, N_GENES),
+            shape=(chunk_types.size, n_genes),
         )
         block.sum_duplicates()
         counts_blocks.append(block)
@@ -98,7 +105,7 @@ def synthetic_reference(n_cells: int, seed: int = 0, reads_per_cell: float = 350
         {LABELS: pd.Categorical([f"type_{t:02d}" for t in types])},
         index=[f"cell_{i}" for i in range(n_cells)],
     )
-    var = pd.DataFrame(index=[f"gene_{g}" for g in range(N_GENES)])
+    var = pd.DataFrame(index=[f"gene_{g}" for g in range(n_genes)])
     return ad.AnnData(X=X, obs=obs, var=var, layers={"counts": counts})
 
 

@@ -17,7 +17,6 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from hpvade._constants import CPM_SCALE
 from hpvade._states import CellStates, fit_state_weights
 
 #: Most genes the state weights are fitted on: those whose profiles differ most between the
@@ -134,6 +133,7 @@ def evidence_weighted_profiles(
     weight = np.zeros(n_types)
     shift = np.zeros(n_types)
     profiles = []
+    scratch = None
     for k in range(n_types):
         members = np.flatnonzero(states.cell_type == k)
         present = proportions[:, k] > 0
@@ -154,21 +154,24 @@ def evidence_weighted_profiles(
         frequencies = states.frequencies[members] / states.frequencies[members].sum()
         mixed = states.profiles[:, members] @ frequencies
         shrunk = frequencies + weight[k] * (fitted[:, members] - frequencies)
-        fold = np.divide(
-            shrunk @ states.profiles[:, members].T,
-            mixed,
-            out=np.ones((bulk_cpm.shape[0], mixed.size)),
-            where=mixed > 0,
-        )
-        profile = reference * fold
-        profiles.append(profile)
-        baseline = reference * (CPM_SCALE / max(reference.sum(), 1e-300))
-        moved = 0.5 * np.abs(scale_rows_to_cpm(profile) - baseline).sum(axis=1) / CPM_SCALE
-        shift[k] = moved[present].mean() if present.any() else 0.0
+        fold = shrunk @ states.profiles[:, members].T
+        np.divide(fold, mixed, out=fold, where=mixed > 0)
+        fold[:, mixed <= 0] = 1.0
+        fold *= reference  # the profile, in place
+        profiles.append(fold)
+        if present.any():
+            if scratch is None:
+                scratch = np.empty_like(fold)
+            shift[k] = _profile_shift(fold, reference, present, scratch)
     return profiles, StateEvidence(n_states, split_half_r, weight, shift)
 
 
-def scale_rows_to_cpm(values: np.ndarray) -> np.ndarray:
-    """Rows rescaled to sum to 1e6 (rows of zeros stay zero)."""
-    sums = values.sum(axis=1, keepdims=True)
-    return np.divide(values * CPM_SCALE, sums, out=np.zeros_like(values), where=sums > 0)
+def _profile_shift(profiles, reference, rows, scratch) -> float:
+    """Mean over the ``rows`` of ``profiles`` of the share of their total that differs from
+    the ``reference`` profile, both as shares of their sums (half the L1 distance);
+    ``scratch``: an array of the shape of ``profiles`` to work in."""
+    sums = profiles.sum(axis=1, keepdims=True)
+    np.divide(profiles, np.where(sums > 0, sums, 1.0), out=scratch)
+    scratch -= reference / max(reference.sum(), 1e-300)
+    np.abs(scratch, out=scratch)
+    return float(0.5 * scratch.sum(axis=1)[rows].mean())

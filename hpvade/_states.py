@@ -210,16 +210,14 @@ def cohort_type_factors(
     n_types = proportions.shape[1]
     gram = np.zeros((n_genes, n_types, n_types))
     linear = np.zeros((n_genes, n_types))
-    step = max(1, COHORT_CHUNK_ENTRIES // max(1, n_genes * n_types))
+    step = min(n_samples, max(1, COHORT_CHUNK_ENTRIES // max(1, n_genes * n_types)))
+    buffer = np.empty((step, n_genes, n_types))  # one chunk's samples × genes × types, reused
     for start in range(0, n_samples, step):
         rows = slice(start, start + step)
-        design = np.stack(
-            [
-                proportions[rows, k, None] * np.broadcast_to(profile, (n_samples, n_genes))[rows]
-                for k, profile in enumerate(profiles)
-            ],
-            axis=2,
-        )  # samples × genes × types
+        design = buffer[: len(range(n_samples)[rows])]
+        for k, profile in enumerate(profiles):
+            shared = np.broadcast_to(profile, (n_samples, n_genes))[rows]
+            np.multiply(proportions[rows, k, None], shared, out=design[:, :, k])
         # optimize=True: a batched matrix product, 15x faster than einsum's default loop here
         gram += np.einsum("igk,igl->gkl", design, design, optimize=True)
         linear += np.einsum("igk,ig->gk", design, bulk_cpm[rows], optimize=True)
@@ -251,12 +249,13 @@ def allocate(
     ``proportions[i, k] * profiles[k][i, g]``.
     """
     total = mixed_profiles(proportions, profiles)
+    # the bulk per unit of predicted expression, once for all types (0 where none is predicted)
+    np.divide(bulk_cpm, total, out=total, where=total > 0)
     shares = {}
     for k in cell_types:
-        own = proportions[:, k, None] * profiles[k]
-        expression = bulk_cpm * np.divide(own, total, out=np.zeros_like(total), where=total > 0)
+        expression = proportions[:, k, None] * profiles[k]
+        expression *= total
         sums = expression.sum(axis=1, keepdims=True)
-        shares[k] = np.divide(
-            expression * CPM_SCALE, sums, out=np.zeros_like(expression), where=sums > 0
-        )
+        expression *= np.divide(CPM_SCALE, sums, out=np.zeros_like(sums), where=sums > 0)
+        shares[k] = expression
     return shares

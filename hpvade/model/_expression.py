@@ -146,7 +146,11 @@ class ExpressionMixin:
                 cpm, mixture, genes, force=bool(use_states)
             )
             factors = cohort_type_factors(cpm, mixture, state_aware)
-            profiles = [profile * factors[:, k] for k, profile in enumerate(state_aware)]
+            # in place where a profile is the fit's own per-sample array
+            profiles = [
+                np.multiply(profile, factors[:, k], out=profile if profile.ndim == 2 else None)
+                for k, profile in enumerate(state_aware)
+            ]
             if use_states is None:
                 self._warn_if_no_state_moved(evidence, bulk.n_obs)
         self.state_evidence_ = self._evidence_frame(evidence)
