@@ -314,3 +314,33 @@ def test_the_vae_models_a_subset_of_a_wide_reference_and_loads_without_data(
 def test_a_reference_of_up_to_8000_genes_keeps_every_gene_in_the_vae(trained):
     assert trained.module.vae_gene_index is None
     assert trained.module.n_vae_genes == len(trained.var_names)
+
+
+def test_a_trained_and_used_model_holds_no_graph_and_deep_copies(pbmc_split, test_bulk):
+    import copy
+    import gc
+
+    ref = pbmc_split[0].copy()
+    scvi.settings.seed = 0
+    hpvade.HPVADE.setup_anndata(ref, labels_key=LABELS)
+    model = hpvade.HPVADE(ref)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        # no validation: the last step of training is a training step
+        model.train(max_epochs=2, train_size=1.0, enable_progress_bar=False)
+    model.get_proportions(test_bulk.copy())
+    seen, queue, with_graph = set(), [model], []
+    while queue and len(seen) < 200_000:  # every object reachable from the model
+        obj = queue.pop()
+        if id(obj) in seen or isinstance(obj, type):
+            continue
+        seen.add(id(obj))
+        if isinstance(obj, torch.Tensor) and obj.grad_fn is not None:
+            with_graph.append(obj)
+        queue.extend(gc.get_referents(obj))
+    assert not with_graph, [t.grad_fn for t in with_graph[:3]]
+    clone = copy.deepcopy(model)
+    np.testing.assert_array_equal(
+        clone.get_proportions(test_bulk.copy()).to_numpy(),
+        model.get_proportions(test_bulk.copy()).to_numpy(),
+    )

@@ -80,7 +80,8 @@ class HPVADETrainingPlan(TrainingPlan):
         return batch
 
     def forward(self, *args, **kwargs):
-        """Passthrough to the module; keeps the step's outputs for the checks below."""
+        """Passthrough to the module; keeps the step's outputs for the checks below, which
+        release them (a kept graph would hold the last batch's activations after training)."""
         outputs = super().forward(*args, **kwargs)
         self._step_outputs = outputs
         return outputs
@@ -154,6 +155,7 @@ class HPVADETrainingPlan(TrainingPlan):
         batch = self._with_bulk(batch, self.pool_train_cpm, self.pool_train_props, index)
         loss = super().training_step(batch, batch_idx)
         inference_outputs, _, loss_output = self._step_outputs
+        self._step_outputs = None
         if self.scale_check is None:
             self._check_scales(batch, inference_outputs)
         self._check_finite(loss_output, "training")
@@ -168,7 +170,8 @@ class HPVADETrainingPlan(TrainingPlan):
         index = (torch.arange(n, device=self.pool_val_cpm.device) + batch_idx * n) % n_pool
         batch = self._with_bulk(batch, self.pool_val_cpm, self.pool_val_props, index)
         super().validation_step(batch, batch_idx)
-        self._check_finite(self._step_outputs[2], "validation")
+        loss_output, self._step_outputs = self._step_outputs[2], None
+        self._check_finite(loss_output, "validation")
 
 
 def max_epochs_heuristic(n_cells: int, batch_size: int = 128) -> int:
