@@ -2,14 +2,14 @@
 re-weighting round's gene weights and solve (``hpvade._solvers.robust_dampened_fit``), and the
 genes far above a sample's fit (``hpvade._unknown.unknown_share``).
 
-In numpy each round was a dozen passes over a samples × genes array (log ratios, three row
-medians, the biweight, the variance power's bins, the weights), each on one core, and the
-solves swept every sample until the slowest converged: 14 s for 10,000 samples × 1,000 genes
-on 2 cores, 4.6 s now (``benchmarks/fit_speed.py``). The Gram matrices stay matrix products
-(BLAS beats a per-sample loop here: measured 6.6 s fused into the kernel), one block of
-samples per thread; ``log2(bulk + 1)`` is computed once per fit, not every round. Every
-statistic is the one the numpy version computed, in the same order where it matters
-(medians, bins); sums over genes may differ in the last bits.
+In numpy each round would be a dozen passes over a samples × genes array (log ratios, three
+row medians, the biweight, the variance power's bins, the weights), each on one core, and the
+solves would sweep every sample until the slowest converged; compiled, each sample is one
+pass on one thread and stops on its own (``benchmarks/fit_speed.py`` times both). The Gram
+matrices stay matrix products (BLAS is faster here than a per-sample loop fused into the
+kernel), one block of samples per thread; ``log2(bulk + 1)`` is computed once per fit, not
+every round. Every statistic is the one the numpy version computed, in the same order where it
+matters (medians, bins); sums over genes may differ in the last bits.
 """
 
 from __future__ import annotations
@@ -193,8 +193,8 @@ def round_weights(
 @njit(parallel=True, cache=True)
 def gram_products(weights, outer, out, n_blocks):
     """``out = weights @ outer`` by ``n_blocks`` blocks of rows, one BLAS call per thread.
-    Called with one BLAS thread: OpenBLAS's own threads spin after each product and slowed
-    the other kernels 1.7x, while here the compiled threads share the work."""
+    Called with one BLAS thread: OpenBLAS's own threads spin after each product and slow
+    the other kernels, while here the compiled threads share the work."""
     size = (weights.shape[0] + n_blocks - 1) // n_blocks
     for k in prange(n_blocks):
         start, stop = k * size, min(weights.shape[0], (k + 1) * size)

@@ -200,8 +200,8 @@ def robust_dampened_fit(
     else:
         fit_rows = functools.partial(_robust_fit_rows, **common)
         # The rounds alternate compiled kernels on numba's threads with matrix products:
-        # OpenBLAS's threads spin after each product and slowed the kernels 1.7x. One BLAS
-        # thread meanwhile.
+        # OpenBLAS's threads spin after each product and slow the kernels. One BLAS thread
+        # meanwhile.
         chunk, blas = FIT_CHUNK, threadpool_limits(limits=1, user_api="blas")
     with blas:
         if bulk.shape[0] <= chunk:

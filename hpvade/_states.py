@@ -42,8 +42,7 @@ STATE_FIT_LR = 0.1
 STATE_FIT_CHUNK = 1024
 #: Weight, in samples, of the prior that keeps each type's profile at the reference's in
 #: :func:`cohort_type_factors`: a cohort much larger than this sets its own factors, a few
-#: samples keep them nearer 1. Kang 2018 (200 bulks, both conditions): 5, 10 and 20 gave
-#: per-gene r within 0.005 of each other (a scratch measurement, not in a results file).
+#: samples keep them nearer 1.
 COHORT_PRIOR_SAMPLES = 10.0
 #: Entries (samples × genes × types) of one chunk of :func:`cohort_type_factors`.
 COHORT_CHUNK_ENTRIES = 2**24
@@ -218,7 +217,7 @@ def cohort_type_factors(
         for k, profile in enumerate(profiles):
             shared = np.broadcast_to(profile, (n_samples, n_genes))[rows]
             np.multiply(proportions[rows, k, None], shared, out=design[:, :, k])
-        # optimize=True: a batched matrix product, 15x faster than einsum's default loop here
+        # optimize=True: a batched matrix product, not einsum's default loop
         gram += np.einsum("igk,igl->gkl", design, design, optimize=True)
         linear += np.einsum("igk,ig->gk", design, bulk_cpm[rows], optimize=True)
     trace = np.trace(gram, axis1=1, axis2=2)

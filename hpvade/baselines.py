@@ -146,7 +146,7 @@ def marker_recipe_proportions(
     counts_layer: str | None = None,
     n_genes: int = 50,
 ) -> pd.DataFrame:
-    """The plain recipe of issue "Real bulk RNA-seq": Wilcoxon markers, dampened NNLS on their
+    """A plain marker recipe: Wilcoxon markers, dampened NNLS on their
     CPM signature, then RNA fractions divided by each type's mean counts per cell.
 
     Parameters

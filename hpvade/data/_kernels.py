@@ -3,8 +3,8 @@ median of a vector (numba's ``np.median`` mispredicts its branches on random dat
 
 ``counts @ X`` with a sparse (samples × cells) ``counts`` and a sparse (cells × genes) ``X`` is a
 sparse × sparse product whose result is nearly dense. scipy builds that result as a sparse
-matrix in two passes (about 13 s for 10,000 × 500 draws from a 1M-cell reference on one core);
-accumulating straight into a dense output, one sample per thread, takes about 3 s.
+matrix in two passes; accumulating straight into a dense output, one sample per thread, does
+one pass (``benchmarks/scale.py`` times both).
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ def add_sampled_rows(out: np.ndarray, counts, block) -> None:
 def _kth_smallest(a, k):
     """The k-th smallest value of ``a`` (reordered in place): quickselect with a median-of-three
     pivot and branch-free partitions. numba's ``np.median`` partitions with branches that
-    random data mispredicts: 2.6x slower on 1,000 values."""
+    random data mispredicts."""
     lo, hi = 0, a.size
     while hi - lo > 1:
         mid = (lo + hi) >> 1

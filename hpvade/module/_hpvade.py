@@ -244,7 +244,7 @@ class HPVADEModule(BaseModuleClass):
         labels = tensors[REGISTRY_KEYS.LABELS_KEY].long().view(-1)
         cell_cpm = generative_outputs["px_scale"] * CPM_SCALE
         # each cell's prototype as a one-hot product: its gradient is a matrix product, where
-        # indexing S.T[labels] scatters back through a slow index_put (4 % of a CPU step)
+        # indexing S.T[labels] scatters back through a slow index_put
         one_hot = F.one_hot(labels, self.n_labels).to(signature.dtype)
         # a term of weight 0 is only logged: no graph for it, so no backward pass through it
         with _graph_if(self.use_vae and self.prototype_weight != 0):
