@@ -274,11 +274,3 @@ class HPVADEModule(BaseModuleClass):
             kl_local=kl_local,
             extra_metrics=metrics,
         )
-
-    @torch.inference_mode()
-    def sample(self, tensors, n_samples: int = 1):
-        """Draw expression for the given cells from the generative model."""
-        inference_outputs = self.inference(**self._get_inference_input(tensors))
-        px = self.generative(inference_outputs["z"], inference_outputs["library"])["px"]
-        draws = px.sample((n_samples,)) if n_samples > 1 else px.sample()
-        return draws.cpu()
