@@ -317,6 +317,16 @@ def test_a_transposed_bulk_or_other_gene_identifiers_are_named(trained, test_bul
     ensembl.columns = [f"ENSG{i:011d}" for i in range(table.shape[1])]
     with pytest.raises(ValueError, match="bulk's genes are Ensembl IDs.*reference's gene symbols"):
         trained.get_proportions(ensembl)
+    lower = table.copy()
+    lower.columns = table.columns.str.lower()
+    with pytest.raises(ValueError, match=r"another case \(e.g. 'hes4' for 'HES4'\).*upper"):
+        trained.get_proportions(lower)
+    # each names the genes' fix, not the samples' (they have counts, on genes named otherwise)
+    for bad in (table.T, ensembl, lower):
+        with pytest.raises(ValueError) as error:
+            trained.get_proportions(bad)
+        assert "remove them" not in str(error.value)
+        assert "The model's genes are e.g." in str(error.value)
     versioned = _ensembl_model_bulk(table)
     message = hpvade.data._bulk.gene_mismatch_hint(*versioned)
     assert "strip the version suffix" in message

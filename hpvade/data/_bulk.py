@@ -46,14 +46,26 @@ def _identifier_kind(names: pd.Index) -> str:
 
 def gene_mismatch_hint(bulk: AnnData, genes: pd.Index) -> str:
     """Why a bulk shares few of ``genes``, where it can be told: the bulk is genes × samples
-    (its obs_names hold the genes), or it names genes another way (Ensembl IDs against
-    symbols, versioned against unversioned). Empty when neither."""
+    (its obs_names hold the genes), it names them in another case (``cd3d`` for ``CD3D``),
+    or another way (Ensembl IDs against symbols, versioned against unversioned). Empty when
+    none of these."""
     in_var = genes.isin(bulk.var_names).sum()
     if genes.isin(bulk.obs_names).sum() > max(in_var, 0.1 * len(genes)):
         return (
             " The bulk looks transposed: its obs_names (rows) hold the reference's genes. "
             "Pass samples as rows and genes as columns: `bulk = bulk.T.copy()` for an AnnData, "
             "`table.T` for a DataFrame."
+        )
+    upper = pd.Index(genes.astype(str).str.upper())
+    in_any_case = upper.isin(bulk.var_names.astype(str).str.upper()).sum()
+    if in_any_case > max(2 * in_var, 0.1 * len(genes)):
+        matched = genes[upper.isin(bulk.var_names.astype(str).str.upper())][0]
+        theirs = bulk.var_names[bulk.var_names.astype(str).str.upper() == matched.upper()][0]
+        return (
+            f" The bulk names the reference's genes in another case (e.g. {theirs!r} for "
+            f"{matched!r}): use the reference's names, e.g. `bulk.var_names = "
+            "bulk.var_names.str.upper()` for human symbols (or map them with your pipeline's "
+            "gene annotation)."
         )
     ours, theirs = _identifier_kind(genes), _identifier_kind(bulk.var_names)
     if ours != theirs:

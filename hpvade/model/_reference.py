@@ -240,11 +240,12 @@ class ReferenceMixin:
                 "`bulk` is a view of another AnnData; results are written to its obsm and obs. "
                 "Pass a copy: `bulk = bulk[mask].copy()`."
             )
-        cpm = bulk_to_cpm(bulk, self.var_names, layer, allow_missing)
         found = np.asarray(self.var_names.isin(bulk.var_names))
+        if allow_missing and not found.all():  # the genes' names first, then their values
+            self._check_missing_genes(bulk, found)
+        cpm = bulk_to_cpm(bulk, self.var_names, layer, allow_missing)
         report = gene_report(bulk, self.var_names, cpm, self.selected_genes_)
         if not found.all():
-            self._check_missing_genes(bulk, found)
             on_signature_scale(cpm, self._served_signature(), found)
         logger.info(
             "Genes: %d of %d reference genes found, %d extra bulk genes ignored, %d reference "
@@ -263,9 +264,14 @@ class ReferenceMixin:
         if n_used < needed:
             raise ValueError(
                 f"The bulk has {n_used} of the model's {n_selected} selected genes; at least "
-                f"{needed} ({MIN_FIT_GENES_PER_TYPE} a cell type) are needed. Check that the "
-                "bulk's var_names name genes as the reference's do, or train a model on the "
-                "genes the bulk has." + gene_mismatch_hint(bulk, self.var_names)
+                f"{needed} ({MIN_FIT_GENES_PER_TYPE} a cell type) are needed. The model's genes "
+                f"are e.g. {self.var_names[:3].tolist()}, the bulk's var_names e.g. "
+                f"{bulk.var_names[:3].tolist()}."
+                + (
+                    gene_mismatch_hint(bulk, self.var_names)
+                    or " Name the bulk's genes as the reference's are, or train a model on the "
+                    "genes the bulk has."
+                )
             )
         if n_used < (1 - MISSING_SELECTED_WARN) * n_selected:
             warnings.warn(
