@@ -258,8 +258,9 @@ def test_first_contact_texts():
 
     root = Path(hpvade.__file__).parents[1]
     readme = root.joinpath("README.md").read_text()
-    quickstart = re.search(r"## Quickstart\n\n```python\n(.*?)```", readme, re.S).group(1)
-    assert "pd.read_csv" in quickstart and "ad.AnnData(table)" in quickstart
+    quickstart = re.search(r"## Quickstart\n\n.*?```python\n(.*?)```", readme, re.S).group(1)
+    assert "pbmc68k_reference()" in quickstart and "simulate_pseudobulk" in quickstart
+    assert "pd.read_csv" in readme and "AnnData(table)" in readme  # a user's own table
     assert "A default `train()` takes 600 minibatches" in readme
     doc = inspect.getdoc(hpvade.HPVADE.train)
     assert "enable_progress_bar" in doc and '"mps, "auto"' not in doc
