@@ -292,6 +292,7 @@ def test_the_vae_models_a_subset_of_a_wide_reference_and_loads_without_data(
     markers = set(model.selected_genes_)
     assert chosen <= markers if len(markers) >= 300 else markers <= chosen
     assert model.module.encoder.encoder.fc_layers[0][0].in_features == 300
+    assert model.module.deconv_net.fc_layers[0][0].in_features == 300
     assert model.module.signature().shape == (ref.n_vars, 10)  # S keeps every gene
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -304,6 +305,9 @@ def test_the_vae_models_a_subset_of_a_wide_reference_and_loads_without_data(
     assert ratios.shape == (3, ref.n_vars, 10)
     outside = np.setdiff1d(np.arange(ref.n_vars), index)
     assert np.all(ratios[:, outside] == 1.0) and not np.allclose(ratios[:, index], 1.0)
+    props = model.get_proportions(test_bulk.copy())
+    np.testing.assert_allclose(props.sum(axis=1), 1.0, atol=1e-9)
+    model.adapt(test_bulk.copy())  # the network's fine-tuning reads its genes of the full CPM
     model.save(tmp_path / "wide", overwrite=True)
     loaded = hpvade.HPVADE.load(tmp_path / "wide")  # no data: the genes come with the model
     np.testing.assert_array_equal(loaded.module.vae_gene_index.numpy(), index)

@@ -68,8 +68,8 @@ class HPVADE(
         Genes of the proportion fit (``selected_genes_``): ``"markers"`` (Wilcoxon markers of
         the reference, 50 a type), ``"all"``, or a list. S and the networks keep every gene.
     vae_genes
-        Genes the VAE models: ``"auto"`` (all up to 8,000; above, the markers and the most
-        variable genes, 8,000 in all), ``"all"``, a number of genes, or a list.
+        Genes the networks (VAE, deconvolution network) model: ``"auto"`` (all up to 8,000;
+        above, the markers and the most variable genes), ``"all"``, a number, or a list.
     **module_kwargs
         Passed to :class:`~hpvade.module.HPVADEModule` (loss weights, ``n_layers_deconv``, ...).
 

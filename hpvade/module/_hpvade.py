@@ -52,8 +52,8 @@ class HPVADEModule(BaseModuleClass):
         Let training move S. ``False`` (default) keeps the reference signature: a learned S
         changed no proportion on real bulk (``benchmarks/results/real_ablation.md``).
     vae_genes
-        Indices of the genes the VAE encodes and reconstructs (``None``: all). S and the
-        deconvolution network keep all ``n_input`` genes.
+        Indices of the genes the networks model (``None``: all): the VAE encodes and
+        reconstructs them, the deconvolution network reads them. S keeps all ``n_input`` genes.
     """
 
     def __init__(
@@ -106,7 +106,7 @@ class HPVADEModule(BaseModuleClass):
         self.px_r = nn.Parameter(torch.randn(self.n_vae_genes))
 
         self.deconv_net = FCLayers(
-            n_in=n_input,
+            n_in=self.n_vae_genes,
             n_out=n_hidden,
             n_layers=n_layers_deconv,
             n_hidden=n_hidden,
@@ -114,8 +114,8 @@ class HPVADEModule(BaseModuleClass):
         )
         self.deconv_out = nn.Linear(n_hidden, n_labels)
         # Standardisation of the network's log1p(CPM) input, fitted on the training pseudobulks.
-        self.register_buffer("bulk_center", torch.zeros(n_input))
-        self.register_buffer("bulk_scale", torch.ones(n_input))
+        self.register_buffer("bulk_center", torch.zeros(self.n_vae_genes))
+        self.register_buffer("bulk_scale", torch.ones(self.n_vae_genes))
 
         if signature is None:
             signature = np.full((n_input, n_labels), CPM_SCALE / n_input)
@@ -160,14 +160,15 @@ class HPVADEModule(BaseModuleClass):
 
     def set_bulk_standardization(self, cpm: torch.Tensor) -> None:
         """Fit the network's input standardisation on (pseudo)bulk CPM."""
-        logged = torch.log1p(cpm.to(self.bulk_center.device, torch.float32))
+        logged = torch.log1p(self._vae_columns(cpm.to(self.bulk_center.device, torch.float32)))
         self.bulk_center.copy_(logged.mean(0))
         self.bulk_scale.copy_(logged.std(0).clamp_min(1e-2))
 
     @auto_move_data
     def deconvolve(self, bulk_cpm: torch.Tensor) -> torch.Tensor:
-        """Proportions (samples × types, rows sum to 1) for bulk profiles in CPM."""
-        h = (torch.log1p(bulk_cpm) - self.bulk_center) / self.bulk_scale
+        """Proportions (samples × types, rows sum to 1) for bulk profiles in CPM (over all
+        genes; the network reads the genes the networks model)."""
+        h = (torch.log1p(self._vae_columns(bulk_cpm)) - self.bulk_center) / self.bulk_scale
         return torch.softmax(self.deconv_out(self.deconv_net(h)), dim=-1)
 
     @torch.no_grad()
