@@ -41,10 +41,18 @@ nb_execution_timeout = 900
 nb_execution_show_tb = True
 
 source_suffix = {".rst": "restructuredtext", ".md": "myst-nb", ".ipynb": "myst-nb"}
-exclude_patterns = ["_build", "**.ipynb_checkpoints", "jupyter_execute"]
+exclude_patterns = ["_build", "**.ipynb_checkpoints", "jupyter_execute", "generated/*.md"]
 templates_path = ["_templates"]
 
 html_theme = "sphinx_book_theme"
 html_title = "hpvade"
 html_static_path = ["_static"]
 html_theme_options = {"show_toc_level": 2}
+
+# The age of every results file, rendered at build time (page "Benchmarks"): a figure's source
+# commit and how many library commits came after it.
+sys.path.insert(0, str(ROOT / "benchmarks"))
+import freshness  # noqa: E402
+
+(ROOT / "docs" / "generated").mkdir(exist_ok=True)
+(ROOT / "docs" / "generated" / "freshness.md").write_text(freshness.table())

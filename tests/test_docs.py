@@ -290,3 +290,24 @@ def test_readme_accuracy_figures_come_from_the_results_files():
     assert all(len(f) == 5 for f in figures), "quote figures as the results files do (0.xxx)"
     missing = [f for f in figures if not re.search(rf"(?<![\d.]){re.escape(f)}(?!\d)", results)]
     assert not missing, f"README figures with no source in benchmarks/results: {missing}"
+
+
+def test_every_results_file_names_the_commit_that_produced_it():
+    """The docs page "Benchmarks" renders each results file's age from this commit."""
+    import importlib.util
+
+    root = Path(hpvade.__file__).parents[1]
+    path = root / "benchmarks" / "freshness.py"
+    spec = importlib.util.spec_from_file_location("freshness", path)
+    freshness = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(freshness)
+    results = sorted((root / "benchmarks" / "results").glob("*.md"))
+    assert results
+    full_history = freshness._git("rev-parse", "--is-shallow-repository") == "false"
+    for path in results:
+        commit = freshness.produced_at(path)
+        assert commit, f"{path.name} names no commit"
+        if full_history and freshness.library_commits_since(commit) is None:
+            raise AssertionError(f"{path.name}: commit {commit} is not in this history")
+    table = freshness.table()
+    assert all(f"`{path.name}`" in table for path in results)
