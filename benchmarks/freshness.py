@@ -20,7 +20,7 @@ COMMIT = re.compile(r"at commit ([0-9a-f]{7,40})")
 
 def produced_at(path: Path) -> str | None:
     """The commit that produced a results file, from its first lines."""
-    match = COMMIT.search("\n".join(path.read_text().splitlines()[:8]))
+    match = COMMIT.search("\n".join(path.read_text().splitlines()[:15]))
     return match.group(1) if match else None
 
 
