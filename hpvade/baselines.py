@@ -98,6 +98,10 @@ def marker_genes_wilcoxon(
         Markers kept per type.
     min_log_fold_change
         Minimum log2 fold change of a marker against the other cells.
+
+    Returns
+    -------
+    Index of the marker genes, type by type.
     """
     codes, categories = get_label_codes(reference, labels_key)
     markers = wilcoxon_markers(
@@ -126,6 +130,10 @@ def dampened_nnls_proportions(
         Genes × types (CPM).
     n_rounds
         Re-weighting rounds after the plain NNLS start.
+
+    Returns
+    -------
+    Array (samples × types) of proportions; rows sum to 1.
     """
     signature = np.asarray(signature, dtype=float)
     bulk = np.asarray(bulk_cpm, dtype=float)
@@ -190,6 +198,10 @@ def type_rna_content(reference: AnnData, labels_key: str, counts_layer: str) -> 
         Column of ``reference.obs`` with cell-type labels.
     counts_layer
         Layer with raw counts.
+
+    Returns
+    -------
+    Array (types, in the order of the labels' categories): mean raw counts per cell.
     """
     codes, categories = get_label_codes(reference, labels_key)
     totals = cell_totals(reference, counts_layer, log1p=False)

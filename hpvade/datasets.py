@@ -13,7 +13,10 @@ PBMC_LABELS_KEY = "bulk_labels"
 def pbmc68k_reference() -> AnnData:
     """700 real PBMCs × 765 genes from scanpy (``pbmc68k_reduced().raw``), log1p-normalised.
 
-    Cell-type labels (10 types) are in ``obs["bulk_labels"]``.
+    Returns
+    -------
+    AnnData (700 cells × 765 genes): sparse log1p-normalised ``X``, cell-type labels (10
+    types) in ``obs["bulk_labels"]``. Shipped with scanpy: no download.
     """
     import scanpy as sc
 

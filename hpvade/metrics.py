@@ -35,6 +35,10 @@ def pearson(pred, true) -> float:
         Estimated proportions (samples × types).
     true
         True proportions, same samples and types.
+
+    Returns
+    -------
+    float in [-1, 1] (NaN where either side does not vary).
     """
     p, t, _ = _aligned(pred, true)
     return _pearson(p.ravel(), t.ravel())
@@ -49,6 +53,10 @@ def per_type_pearson(pred, true) -> pd.Series:
         Estimated proportions (samples × types).
     true
         True proportions, same samples and types.
+
+    Returns
+    -------
+    Series of r per cell type (index: the types).
     """
     p, t, columns = _aligned(pred, true)
     return pd.Series([_pearson(p[:, j], t[:, j]) for j in range(p.shape[1])], index=columns)
@@ -63,6 +71,10 @@ def rmse(pred, true) -> float:
         Estimated proportions (samples × types).
     true
         True proportions, same samples and types.
+
+    Returns
+    -------
+    float, in units of proportion.
     """
     p, t, _ = _aligned(pred, true)
     return float(np.sqrt(np.mean((p - t) ** 2)))
@@ -77,6 +89,10 @@ def mae(pred, true) -> float:
         Estimated proportions (samples × types).
     true
         True proportions, same samples and types.
+
+    Returns
+    -------
+    float, in units of proportion.
     """
     p, t, _ = _aligned(pred, true)
     return float(np.mean(np.abs(p - t)))
@@ -91,6 +107,10 @@ def lin_ccc(pred, true) -> float:
         Estimated proportions (samples × types).
     true
         True proportions, same samples and types.
+
+    Returns
+    -------
+    float in [-1, 1]: 1 only where estimate and truth agree exactly.
     """
     p, t, _ = _aligned(pred, true)
     p, t = p.ravel(), t.ravel()
@@ -107,6 +127,10 @@ def evaluate(pred, true) -> dict[str, float]:
         Estimated proportions (samples × types).
     true
         True proportions, same samples and types.
+
+    Returns
+    -------
+    dict with keys ``"r"``, ``"mean_type_r"``, ``"ccc"``, ``"rmse"``, ``"mae"``.
     """
     return {
         "r": pearson(pred, true),

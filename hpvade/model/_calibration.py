@@ -187,6 +187,11 @@ class CalibrationMixin:
             Number of draws.
         seed
             Seed of the posterior samples and the bootstrap of cells.
+
+        Returns
+        -------
+        Array (draws × genes × cell types) of positive ratios, 1 on average over the draws
+        (exactly 1 for genes the VAE does not model).
         """
         return self._signature_ratios(n_draws, np.random.default_rng(seed))
 

@@ -143,6 +143,10 @@ class DeconvolutionMixin:
             draws after ``train`` or ``adapt``, once) it gives the 90 % interval
             ``obsm[key_added + "_lower"]`` / ``obsm[key_added + "_upper"]`` around the
             estimate. 20 draws are a good default.
+        state_aware
+            Fit the bulk with every cell state (:meth:`cell_states`) as a column of S and sum
+            each type's states. Off by default: it did not improve the proportions on real
+            bulk (see the docs page "The model and its losses").
 
         Returns
         -------
@@ -218,8 +222,13 @@ class DeconvolutionMixin:
 
     @torch.inference_mode()
     def get_signature(self) -> pd.DataFrame:
-        """The signature S being served (genes × cell types, CPM; columns sum to 1e6, after
-        :meth:`adapt` as its regression left them, within a few per mille)."""
+        """The signature S being served.
+
+        Returns
+        -------
+        DataFrame (genes × cell types), CPM: columns sum to 1e6 (after :meth:`adapt`, as its
+        regression left them, within a few per mille).
+        """
         signature = self._served_signature()
         return pd.DataFrame(signature, index=self.var_names, columns=self.cell_types)
 
@@ -228,7 +237,12 @@ class DeconvolutionMixin:
         robust fit uses (``selected_genes_``) and, after :meth:`adapt`, the gene weights of
         the weighted fit. Its ``fit(cpm, initial)`` is what :meth:`get_proportions` runs,
         started from the deconvolution network's output, on the model's device (a GPU when
-        the model is on one)."""
+        the model is on one).
+
+        Returns
+        -------
+        :class:`~hpvade._estimator.ProportionEstimator` (see the API reference's last section).
+        """
         fit_genes = np.zeros(len(self.var_names), dtype=bool)
         fit_genes[self._fit_gene_index()] = True
         weights = None if self.gene_weights_ is None else np.asarray(self.gene_weights_, float)

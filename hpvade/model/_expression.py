@@ -221,7 +221,14 @@ class ExpressionMixin:
         )
 
     def cell_states(self) -> CellStates:
-        """The reference's cell states (computed once, then kept in ``cell_states_``)."""
+        """The reference's cell states (computed once, then kept in ``cell_states_``).
+
+        Returns
+        -------
+        :class:`~hpvade._states.CellStates`: ``profiles`` (genes × states, CPM),
+        ``cell_type`` (each state's type index, in the order of :attr:`cell_types`) and
+        ``frequencies`` (each state's share of its type's reference RNA).
+        """
         if self.cell_states_ is None:
             self._check_if_trained(warn=False, message=self._not_trained_message)
             self._require_reference("Cell states")
