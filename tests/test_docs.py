@@ -83,12 +83,11 @@ def test_no_private_scvi_tools_import():
 
 
 def test_layout_limits():
-    """One concept a file: the model class stays small, no file grows past 400 lines."""
+    """One concept a file: no file grows past 400 lines."""
     package = Path(hpvade.__file__).parent
     sizes = {
         p.relative_to(package): len(p.read_text().splitlines()) for p in package.rglob("*.py")
     }
-    assert sizes[Path("model/_hpvade.py")] <= 300
     assert max(sizes.values()) <= 400, max(sizes.items(), key=lambda item: item[1])
 
 

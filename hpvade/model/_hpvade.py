@@ -73,6 +73,27 @@ class HPVADE(
     **module_kwargs
         Passed to :class:`~hpvade.module.HPVADEModule` (loss weights, ``n_layers_deconv``, ...).
 
+    Attributes
+    ----------
+    cell_types
+        Cell-type names, in the order of S's columns and of every proportions table.
+    selected_genes_
+        Genes of the proportion fit (``genes``).
+    reference_signature_
+        S built from the reference (genes × types, CPM).
+    rna_content_
+        Mean raw counts per cell of each type (with a count layer; ``None`` otherwise).
+    scale_check_
+        The first training batch's scale check: ``p @ S.T`` against the pseudobulks.
+    unexplained_threshold_
+        Threshold of ``obs["hpvade_unexplained"]``, calibrated after ``train`` and ``adapt``.
+    interval_scale_
+        Per-type factors of the 90 % intervals (``get_proportions(n_draws=...)``).
+    adaptation_, gene_weights_
+        Summary of the last :meth:`adapt`, and its per-gene weights (``None``: not adapted).
+    state_evidence_
+        Per type, how far the last :meth:`get_cell_type_expression` followed its states.
+
     Examples
     --------
     >>> hpvade.HPVADE.setup_anndata(ref, labels_key="cell_type")
