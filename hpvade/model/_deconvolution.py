@@ -160,7 +160,7 @@ class DeconvolutionMixin:
           ``kind="cell"``, RNA for ``"rna"``) that the reference's types do not explain,
           e.g. neutrophils in PBMC bulk against a PBMC reference: the expression in genes
           the fit falls far short of in at least half of the samples deconvolved together
-          and that rise and fall together (:func:`hpvade._unknown.unknown_share`; cells
+          and that rise and fall together (docs page "Real bulk data"; cells
           of unknown type counted with the reference's mean RNA content). A lower bound that
           ranks the samples of one call; deconvolve a cohort in one call. The proportions
           are fractions of the known cells.

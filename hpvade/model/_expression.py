@@ -225,7 +225,7 @@ class ExpressionMixin:
 
         Returns
         -------
-        :class:`~hpvade._states.CellStates`: ``profiles`` (genes × states, CPM),
+        A ``CellStates`` record: ``profiles`` (genes × states, CPM),
         ``cell_type`` (each state's type index, in the order of :attr:`cell_types`) and
         ``frequencies`` (each state's share of its type's reference RNA).
         """
