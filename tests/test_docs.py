@@ -310,3 +310,24 @@ def test_every_results_file_names_the_commit_that_produced_it():
             raise AssertionError(f"{path.name}: commit {commit} is not in this history")
     table = freshness.table()
     assert all(f"`{path.name}`" in table for path in results)
+
+
+def test_readme_figures_come_from_the_results_files_their_section_cites():
+    """In every README section that cites results files, each decimal figure is in one of
+    them (the files name their commit; the docs page "Benchmarks" shows how old each is); a
+    section that cites none quotes no measured figure."""
+    import re
+
+    root = Path(hpvade.__file__).parents[1]
+    readme = root.joinpath("README.md").read_text()
+    figure = r"(?<![\w.])\d+(?:,\d{3})*\.\d+(?![\w.])"
+    for section in readme.split("\n## ")[1:]:
+        title = section.splitlines()[0]
+        cited = set(re.findall(r"benchmarks/results/([\w.]+\.md)", section))
+        figures = [f for f in re.findall(figure, section) if f not in ("3.11", "2.13.0")]
+        if not cited:
+            assert not figures, f"README section {title!r} quotes {figures} and cites no results"
+            continue
+        results = "".join((root / "benchmarks" / "results" / name).read_text() for name in cited)
+        missing = [f for f in figures if f not in results]
+        assert not missing, f"README section {title!r}: {missing} are in none of {cited}"
