@@ -166,3 +166,26 @@ def test_flag_after_adapt_spares_a_cohort_the_reference_explains(adapted):
     fresh = bulk.copy()
     model.get_proportions(fresh)
     assert fresh.obs["hpvade_unexplained"].mean() <= 0.05
+
+
+def test_adapt_takes_a_bulk_that_lacks_some_genes_as_get_proportions_does(pbmc_split):
+    import warnings
+
+    from .conftest import train_briefly
+
+    model = train_briefly(pbmc_split[0].copy(), max_epochs=5)
+    bulk = hpvade.pp.simulate_pseudobulk(pbmc_split[1], LABELS, n_pseudobulk=60, seed=3)
+    kept = np.ones(len(model.var_names), dtype=bool)
+    kept[::10] = False  # every tenth gene missing from the bulk
+    lacking = bulk[:, model.var_names[kept]].copy()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        summary = model.adapt(lacking)
+    assert summary["n_genes_adapted"] == int(kept.sum())
+    assert summary["kept"], summary
+    if summary["kept"]:
+        reference = model.reference_signature_
+        np.testing.assert_array_equal(model.adapted_signature_[~kept], reference[~kept])
+        assert np.all(model.gene_weights_[~kept] == 0)
+    props = model.get_proportions(lacking.copy())
+    np.testing.assert_allclose(props.sum(axis=1), 1.0, atol=1e-9)

@@ -65,7 +65,9 @@ class AdaptationMixin:
             The user's bulk samples (linear scale), as for :meth:`get_proportions`: a dozen or
             more from one protocol, and more than there are cell types. With no more samples
             than cell types, adapt declines with a warning and the model serves the
-            reference-trained estimator.
+            reference-trained estimator. A bulk that lacks some of the model's genes is
+            checked as :meth:`get_proportions` checks it, and S is re-estimated on the genes
+            it has; the others keep the reference's rows (and no weight in the adapted fit).
         layer
             Layer of ``bulk`` with the values; ``None`` uses ``bulk.X``.
         n_rounds
@@ -100,7 +102,7 @@ class AdaptationMixin:
         unadapted and the adapted S), sample counts and the settings.
         """
         settings_given = dict(locals())  # adapt's numerical settings, kept in adaptation_
-        cpm, _, _ = self._bulk_cpm(as_bulk_anndata(bulk), layer)
+        cpm, found, _ = self._bulk_cpm(as_bulk_anndata(bulk), layer, allow_missing=True)
         if cpm.shape[0] < MIN_ADAPT_SAMPLES:
             raise ValueError(
                 f"adapt needs at least {MIN_ADAPT_SAMPLES} bulk samples, got {cpm.shape[0]}: it "
@@ -126,16 +128,27 @@ class AdaptationMixin:
         options = {name: settings_given[name] for name in ADAPT_OPTIONS}
         rng = np.random.default_rng((settings.seed or 0) if seed is None else seed)
         self.module.eval()
-        prior = ProportionEstimator(self._adaptation_prior(), self.estimator().fit_genes)
+        # S is re-estimated on the genes the bulk has; the others keep the reference's rows
+        genes = np.flatnonzero(found)
+        reference = self._adaptation_prior()
+        prior = ProportionEstimator(reference[genes], self.estimator().fit_genes[genes])
         initial = self.module.predict_proportions(cpm)
-        result = adapt_to_cohort(cpm, prior, initial, self.type_cell_counts_, rng, options)
+        result = adapt_to_cohort(
+            cpm[:, genes], prior, initial, self.type_cell_counts_, rng, options
+        )
         summary = {**result.as_dict(), "n_samples": int(cpm.shape[0]), **options}
+        summary["n_genes_adapted"] = int(genes.size)
         if result.kept:
-            self.module.set_signature(result.signature)  # what the network is distilled with
-            self.adapted_signature_ = np.asarray(result.signature, dtype=np.float64)
-            self.gene_weights_ = result.gene_weights
+            signature = reference.copy()
+            signature[genes] = result.signature
+            weights = np.zeros(len(self.var_names))  # genes not adapted: left out of the fit
+            weights[genes] = result.gene_weights
+            self.module.set_signature(signature)  # what the network is distilled with
+            self.adapted_signature_ = np.asarray(signature, dtype=np.float64)
+            self.gene_weights_ = weights
             self.adaptation_ = summary
-            served = self.estimator().fit(cpm, self.module.predict_proportions(cpm))
+            initial = self.module.predict_proportions(cpm)
+            served = self.estimator().fit(cpm, initial, found=found)
             self._distill(cpm, served.proportions, distill_steps)
         self.calibrate_unexplained()
         logger.info(
