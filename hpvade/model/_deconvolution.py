@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import warnings
+from typing import Literal
 
 import numpy as np
 import pandas as pd
@@ -84,9 +85,9 @@ class DeconvolutionMixin:
         layer: str | None = None,
         key_added: str = PROPORTIONS_KEY,
         batch_size: int | None = None,
-        method: str = "fit",
+        method: Literal["fit", "network"] = "fit",
         n_rounds: int = DEFAULT_REFINE_STEPS,
-        kind: str = "cell",
+        kind: Literal["cell", "rna"] = "cell",
         n_draws: int = 0,
         state_aware: bool = False,
         refine_steps: int | None = None,
