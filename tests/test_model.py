@@ -348,3 +348,23 @@ def test_a_trained_and_used_model_holds_no_graph_and_deep_copies(pbmc_split, tes
         clone.get_proportions(test_bulk.copy()).to_numpy(),
         model.get_proportions(test_bulk.copy()).to_numpy(),
     )
+
+
+def test_the_vae_takes_the_markers_then_the_most_variable_other_genes():
+    from hpvade.data._genes import resolve_vae_genes
+
+    names = pd.Index([f"g{i}" for i in range(10)])
+    ranked = np.array([9, 2, 8, 1, 7, 0, 3, 4, 5, 6])  # most variable first
+    chosen = resolve_vae_genes(4, names, lambda n: ranked[:n], pd.Index(["g2", "g5"]))
+    # markers g2 and g5, then the most variable others: g9 (g2 is a marker), g8
+    np.testing.assert_array_equal(chosen, [2, 5, 8, 9])
+    assert resolve_vae_genes("auto", names, lambda n: ranked[:n], pd.Index([])) is None
+    # variable_genes ranks the genes by their variance, most variable first
+    import anndata as ad
+    import scipy.sparse as sp
+
+    from hpvade.data._genes import variable_genes
+
+    values = np.random.default_rng(0).normal(size=(50, 4)) * np.array([1.0, 4.0, 0.5, 2.0])
+    cells = ad.AnnData(sp.csr_matrix(np.abs(values)))
+    np.testing.assert_array_equal(variable_genes(cells, None, 3), [1, 3, 0])

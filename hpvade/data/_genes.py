@@ -131,8 +131,9 @@ MAX_VAE_GENES = 8000
 
 
 def variable_genes(adata: AnnData, layer: str | None, n_genes: int) -> np.ndarray:
-    """Indices of the ``n_genes`` genes whose log1p values vary most across cells (sorted),
-    read a chunk of cells at a time (sparse or backed references are never densified)."""
+    """Indices of the ``n_genes`` genes whose log1p values vary most across cells, the most
+    variable first, read a chunk of cells at a time (sparse or backed references are never
+    densified)."""
     total = np.zeros(adata.n_vars)
     squares = np.zeros(adata.n_vars)
     for _, _, block in iter_row_chunks(adata, layer):
@@ -144,15 +145,16 @@ def variable_genes(adata: AnnData, layer: str | None, n_genes: int) -> np.ndarra
             squares += np.square(block, dtype=np.float64).sum(axis=0)
     mean = total / max(adata.n_obs, 1)
     variance = squares / max(adata.n_obs, 1) - mean**2
-    return np.sort(np.argsort(-variance, kind="stable")[:n_genes])
+    return np.argsort(-variance, kind="stable")[:n_genes]
 
 
 def resolve_vae_genes(vae_genes, var_names: pd.Index, variable, markers: pd.Index):
     """The genes the VAE models, from the model's ``vae_genes`` argument: ``None`` for all,
     or a sorted array of indices into ``var_names``.
 
-    ``"auto"``: all genes up to ``MAX_VAE_GENES``; above it, the markers and the most
-    variable genes (``variable(n)``, called only then) up to that many. ``"all"``; an int:
+    ``"auto"``: all genes up to ``MAX_VAE_GENES``; above it, the markers and then the most
+    variable other genes (``variable(n)``: indices, most variable first; called only then) up
+    to that many. ``"all"``; an int:
     that many genes, chosen as ``"auto"`` chooses; a list of gene names.
     """
     if isinstance(vae_genes, str) and vae_genes not in ("auto", "all"):
@@ -169,7 +171,8 @@ def resolve_vae_genes(vae_genes, var_names: pd.Index, variable, markers: pd.Inde
         if n_genes >= len(var_names):
             return None
         chosen = np.flatnonzero(var_names.isin(markers))[:n_genes]
-        extra = [g for g in variable(n_genes) if g not in set(chosen)]
-        return np.sort(np.concatenate([chosen, extra[: n_genes - chosen.size]]).astype(np.int64))
+        ranked = np.asarray(variable(n_genes))
+        extra = ranked[~np.isin(ranked, chosen)][: n_genes - chosen.size]
+        return np.sort(np.concatenate([chosen, extra]).astype(np.int64))
     names = resolve_gene_selection(vae_genes, var_names, markers=None)
     return np.sort(var_names.get_indexer(names)).astype(np.int64)
