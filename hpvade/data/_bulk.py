@@ -56,11 +56,12 @@ def gene_mismatch_hint(bulk: AnnData, genes: pd.Index) -> str:
             "Pass samples as rows and genes as columns: `bulk = bulk.T.copy()` for an AnnData, "
             "`table.T` for a DataFrame."
         )
-    upper = pd.Index(genes.astype(str).str.upper())
-    in_any_case = upper.isin(bulk.var_names.astype(str).str.upper()).sum()
-    if in_any_case > max(2 * in_var, 0.1 * len(genes)):
-        matched = genes[upper.isin(bulk.var_names.astype(str).str.upper())][0]
-        theirs = bulk.var_names[bulk.var_names.astype(str).str.upper() == matched.upper()][0]
+    ours_upper = pd.Index(genes.astype(str).str.upper())
+    theirs_upper = pd.Index(bulk.var_names.astype(str).str.upper())
+    in_any_case = ours_upper.isin(theirs_upper)
+    if in_any_case.sum() > max(2 * in_var, 0.1 * len(genes)):
+        matched = genes[in_any_case][0]
+        theirs = bulk.var_names[theirs_upper == matched.upper()][0]
         return (
             f" The bulk names the reference's genes in another case (e.g. {theirs!r} for "
             f"{matched!r}): use the reference's names, e.g. `bulk.var_names = "
