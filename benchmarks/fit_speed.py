@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from hpvade._solvers import robust_dampened_fit
+from hpvade.core._solvers import robust_dampened_fit
 from tests._frozen_robust_fit import robust_dampened_fit as frozen
 
 

@@ -314,11 +314,11 @@ def run_backed(sizes: list[int], tmp: Path) -> list[dict]:
 def fit_on_device_rows(n_samples: int = N_BULK) -> list[dict]:
     """The robust fit alone on ``benchmarks/fit_speed.py``'s synthetic data (``n_samples`` ×
     1,000 genes × 20 types): the compiled CPU kernels against the same fit in torch on the
-    GPU (``hpvade._robust_torch``), each the best of two runs after one to compile or warm up,
+    GPU (``hpvade.core._robust_torch``), each the best of two runs after one to compile or warm up,
     with the largest difference of their proportions."""
     from fit_speed import data
 
-    from hpvade._solvers import robust_dampened_fit
+    from hpvade.core._solvers import robust_dampened_fit
 
     bulk, signature, start = data(n_samples)
     rows, found = [], {}

@@ -36,7 +36,7 @@ from provenance import stamp
 from scipy.stats import spearmanr
 
 import hpvade
-from hpvade._solvers import _weighted_coefficients
+from hpvade.core._nnls import weighted_coefficients
 from hpvade.data._pseudobulk import mix_cells, sample_cell_counts
 
 HERE = Path(__file__).resolve().parent
@@ -96,18 +96,18 @@ def cohort_unknown(bulk_cpm: np.ndarray, signature: np.ndarray, n_rounds: int = 
     """Not served: each sample's share of an extra non-negative profile U learned from the
     cohort (Poisson-like gene weights; U and the coefficients by alternating least squares)."""
     weights = 1.0 / (bulk_cpm.mean(axis=0) + 10.0)
-    coef = _weighted_coefficients(bulk_cpm, signature, weights)
+    coef = weighted_coefficients(bulk_cpm, signature, weights)
     unknown = np.clip(bulk_cpm - coef @ signature.T, 0, None).mean(axis=0) + 1e-3
     for _ in range(n_rounds):
         unknown *= 1e6 / unknown.sum()
-        coef = _weighted_coefficients(bulk_cpm, np.column_stack([signature, unknown]), weights)
+        coef = weighted_coefficients(bulk_cpm, np.column_stack([signature, unknown]), weights)
         share = coef[:, -1]
         if share @ share <= 0:
             break
         residual = bulk_cpm - coef[:, :-1] @ signature.T
         unknown = np.clip(share @ residual / (share @ share), 0, None)
     unknown *= 1e6 / unknown.sum()
-    coef = _weighted_coefficients(bulk_cpm, np.column_stack([signature, unknown]), weights)
+    coef = weighted_coefficients(bulk_cpm, np.column_stack([signature, unknown]), weights)
     return coef[:, -1] / coef.sum(axis=1)
 
 

@@ -7,7 +7,7 @@ import pandas as pd
 from anndata import AnnData
 from scipy.optimize import nnls
 
-from hpvade._solvers import _rows_sum_to_one
+from hpvade.core import rows_sum_to_one
 from hpvade.data._genes import wilcoxon_markers
 from hpvade.data._labels import get_label_codes
 from hpvade.data._pseudobulk import cell_totals, cpm_rows, mean_per_type, rna_to_cell_fractions
@@ -40,7 +40,7 @@ def nnls_proportions(bulk_cpm: np.ndarray, signature: np.ndarray | pd.DataFrame)
     signature = np.asarray(signature, dtype=float)
     bulk_cpm = np.asarray(bulk_cpm, dtype=float)
     coef = np.stack([nnls(signature, sample)[0] for sample in bulk_cpm])
-    return _rows_sum_to_one(coef)
+    return rows_sum_to_one(coef)
 
 
 def adaptive_nnls_proportions(
@@ -79,7 +79,7 @@ def adaptive_nnls_proportions(
     for _ in range(n_rounds):
         P = proportions_given(S)
         S = np.stack([nnls(P, bulk[:, g])[0] for g in range(bulk.shape[1])])
-    return _rows_sum_to_one(proportions_given(S)), S
+    return rows_sum_to_one(proportions_given(S)), S
 
 
 def marker_genes_wilcoxon(
@@ -144,7 +144,7 @@ def dampened_nnls_proportions(
         coef = np.stack(
             [nnls(signature * w[:, None], b * w)[0] for b, w in zip(bulk, weights, strict=True)]
         )
-    return _rows_sum_to_one(coef)
+    return rows_sum_to_one(coef)
 
 
 def marker_recipe_proportions(

@@ -8,8 +8,7 @@ import numpy as np
 import pandas as pd
 from anndata import AnnData
 
-from hpvade._estimator import ProportionEstimator
-from hpvade._solvers import DEFAULT_REFINE_STEPS
+from hpvade.core import DEFAULT_REFINE_STEPS, ProportionEstimator
 from hpvade.data._bulk import as_bulk_anndata, bulk_to_cpm, on_signature_scale
 from hpvade.data._signature import scale_columns_to_cpm
 

@@ -3,12 +3,8 @@
 
 import numpy as np
 
-from hpvade._solvers import (
-    ROUND_TOLERANCE,
-    TUKEY_CUTOFF,
-    WEIGHT_CAP,
-    _scaled_start,
-)
+from hpvade.core._nnls import scaled_start
+from hpvade.core._solvers import ROUND_TOLERANCE, TUKEY_CUTOFF, WEIGHT_CAP
 
 
 def _coordinate_descent(
@@ -151,7 +147,7 @@ def robust_dampened_fit(
     if initial is None:
         coef = _coordinate_descent(gram, linear, np.zeros((bulk.shape[0], n_types)))
     else:
-        coef = _coordinate_descent(gram, linear, _scaled_start(initial, gram, linear))
+        coef = _coordinate_descent(gram, linear, scaled_start(initial, gram, linear))
     floor = 1e-3 * bulk.mean(axis=1, keepdims=True)
     active = np.arange(bulk.shape[0])  # samples whose coefficients still move
     for _ in range(n_rounds):

@@ -6,8 +6,8 @@ import scvi
 from scipy.optimize import nnls
 
 import hpvade
-from hpvade._signature_fit import gene_noise_weights
-from hpvade._solvers import weighted_nnls
+from hpvade.core._nnls import weighted_nnls
+from hpvade.core._signature_fit import gene_noise_weights
 from hpvade.data._bulk import bulk_to_cpm
 
 from .conftest import LABELS

@@ -159,7 +159,7 @@ def test_a_cohort_sets_its_donors_type_profiles():
 
 
 def test_cohort_factors_fit_across_samples_and_keep_a_single_sample_near_the_profiles():
-    from hpvade._states import cohort_type_factors
+    from hpvade.core._states import cohort_type_factors
 
     rng = np.random.default_rng(0)
     n_samples, n_genes, n_types = 300, 50, 4
@@ -220,8 +220,8 @@ def test_a_single_sample_gets_allocation_with_a_warning_naming_the_types():
 
 
 def test_evidence_weights_follow_the_split_half_agreement():
-    from hpvade._state_evidence import evidence_weighted_profiles
-    from hpvade._states import CellStates
+    from hpvade.core._state_evidence import evidence_weighted_profiles
+    from hpvade.core._states import CellStates
 
     # type 0's states differ on genes 0-39 and its samples' mixes vary; type 1's states are
     # identical but for noise on a few genes, and its samples all hold the reference's mix

@@ -10,8 +10,7 @@ import torch
 from anndata import AnnData
 from scvi import settings
 
-from hpvade._estimator import ProportionEstimator
-from hpvade._signature_fit import ADAPT_OPTIONS, adapt_to_cohort
+from hpvade.core import ADAPT_OPTIONS, ProportionEstimator, adapt_to_cohort
 from hpvade.data._bulk import as_bulk_anndata
 from hpvade.model._fitted_state import reset_fitted_state
 

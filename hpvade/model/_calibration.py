@@ -11,11 +11,14 @@ import numpy as np
 import torch
 
 from hpvade._compat import renamed_keywords
-from hpvade._estimator import ProportionEstimator
-from hpvade._intervals import conformal_scale
-from hpvade._signature_fit import adapt_to_cohort
-from hpvade._solvers import DRAW_REFINE_STEPS
-from hpvade.module import sample_scores, unexplained_expression
+from hpvade.core import (
+    DRAW_REFINE_STEPS,
+    ProportionEstimator,
+    adapt_to_cohort,
+    conformal_scale,
+    sample_scores,
+    unexplained_expression,
+)
 
 logger = logging.getLogger(__name__)
 

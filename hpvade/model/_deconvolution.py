@@ -23,14 +23,20 @@ from hpvade._constants import (
     UNEXPLAINED_SCORE_KEY,
     UNKNOWN_FRACTION_KEY,
 )
-from hpvade._estimator import ProportionEstimator
-from hpvade._intervals import interval
 from hpvade._logging import interactive_output
-from hpvade._solvers import DEFAULT_REFINE_STEPS, DRAW_REFINE_STEPS, ProportionFit
+from hpvade.core import (
+    DEFAULT_REFINE_STEPS,
+    DRAW_REFINE_STEPS,
+    ProportionEstimator,
+    ProportionFit,
+    bulk_reconstruction_error,
+    interval,
+    sample_scores,
+    unexplained_expression,
+)
 from hpvade.data._bulk import as_bulk_anndata
 from hpvade.data._labels import indicator_matrix
 from hpvade.data._pseudobulk import rna_to_cell_fractions, with_unknown_content
-from hpvade.module import bulk_reconstruction_error, sample_scores, unexplained_expression
 
 logger = logging.getLogger(__name__)
 
@@ -242,7 +248,7 @@ class DeconvolutionMixin:
 
         Returns
         -------
-        :class:`~hpvade._estimator.ProportionEstimator` (see the API reference's last section).
+        :class:`~hpvade.core.ProportionEstimator` (see the API reference's last section).
         """
         fit_genes = np.zeros(len(self.var_names), dtype=bool)
         fit_genes[self._fit_gene_index()] = True

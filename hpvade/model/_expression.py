@@ -12,12 +12,13 @@ import torch
 from anndata import AnnData
 from scvi import settings
 
-from hpvade._state_evidence import StateEvidence, evidence_weighted_profiles
-from hpvade._states import (
+from hpvade.core import (
     CellStates,
+    StateEvidence,
     allocate,
     cluster_states,
     cohort_type_factors,
+    evidence_weighted_profiles,
     state_profiles,
 )
 from hpvade.data._bulk import as_bulk_anndata
@@ -169,7 +170,7 @@ class ExpressionMixin:
         self, cpm, mixture, genes, force: bool = False
     ) -> tuple[list[np.ndarray], StateEvidence]:
         """Each type's profile per sample (samples × ``genes``), its states followed as far
-        as the samples support (:func:`hpvade._state_evidence.evidence_weighted_profiles`)."""
+        as the samples support (:func:`hpvade.core.evidence_weighted_profiles`)."""
         states = self.cell_states()
         states = CellStates(states.profiles[genes], states.cell_type, states.frequencies)
         signature = self.reference_signature_[genes]
@@ -183,7 +184,7 @@ class ExpressionMixin:
         return profiles, evidence
 
     def _evidence_frame(self, evidence: StateEvidence | None) -> pd.DataFrame:
-        """:class:`~hpvade._state_evidence.StateEvidence` as a DataFrame (types × fields); all
+        """:class:`~hpvade.core.StateEvidence` as a DataFrame (types × fields); all
         weights 0 where the states were not used."""
         n_types = len(self.cell_types)
         if evidence is None:

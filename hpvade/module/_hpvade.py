@@ -13,7 +13,7 @@ from torch import nn
 from torch.distributions import Normal, kl_divergence
 
 from hpvade._constants import BULK_KEY, BULK_PROPORTIONS_KEY, COUNTS_KEY, CPM_SCALE
-from hpvade.module._losses import anscombe, bulk_reconstruction_error
+from hpvade.core import anscombe, bulk_reconstruction_error
 
 
 def _graph_if(needed: bool) -> torch.autograd.grad_mode.set_grad_enabled:

@@ -17,7 +17,8 @@ import numba
 import numpy as np
 from threadpoolctl import threadpool_limits
 
-from hpvade._robust_kernel import gram_products, round_solve, round_weights, variance_powers
+from hpvade.core._nnls import rows_sum_to_one, unweighted_start, weighted_coefficients
+from hpvade.core._robust_kernel import gram_products, round_solve, round_weights, variance_powers
 
 #: Re-weighting rounds of the served fit (``refine_steps`` of ``get_proportions``).
 DEFAULT_REFINE_STEPS = 30
@@ -47,50 +48,6 @@ DEVICE_FIT_CHUNK = 16_384
 #: tolerance; batched, every sample was swept until the slowest of its chunk met 1e-7, i.e.
 #: nearly always 20 times, which a per-sample 1e-10 reproduces (proportions within 1e-15).
 ROUND_SWEEPS, ROUND_SWEEP_TOLERANCE = 20, 1e-10
-
-
-def _solve_shared(
-    gram: np.ndarray,
-    linear: np.ndarray,
-    coef: np.ndarray,
-    max_sweeps: int = 2000,
-    tolerance: float = 1e-10,
-) -> np.ndarray:
-    """``min_c c' G c / 2 - l' c`` with ``c >= 0`` for every sample, all sharing one types ×
-    types ``gram``, warm-started at ``coef`` (modified and returned): the robust fit's
-    compiled coordinate descent (:func:`hpvade._robust_kernel.round_solve`), each sample
-    stopping on its own ``tolerance``."""
-    upper = np.triu_indices(gram.shape[0])
-    shared = np.tile(gram[upper], (coef.shape[0], 1))
-    moved = np.empty(coef.shape[0])
-    rows = np.arange(coef.shape[0])
-    round_solve(shared, np.ascontiguousarray(linear), coef, rows, max_sweeps, tolerance, moved)
-    return coef
-
-
-def _scaled_start(initial: np.ndarray, gram: np.ndarray, linear: np.ndarray) -> np.ndarray:
-    """``initial`` (proportions) times the best total for each sample, clipped at 0."""
-    coef = np.array(initial, dtype=float, copy=True)
-    curvature = (
-        np.einsum("sk,skl,sl->s", coef, gram, coef)
-        if gram.ndim == 3
-        else np.einsum("sk,kl,sl->s", coef, gram, coef)
-    )
-    coef *= (np.einsum("sk,sk->s", coef, linear) / np.maximum(curvature, 1e-300))[:, None]
-    return np.clip(coef, 0.0, None, out=coef)
-
-
-def unweighted_start(bulk: np.ndarray, signature: np.ndarray, initial) -> np.ndarray:
-    """The robust fit's first estimate (samples × types coefficients): unweighted
-    non-negative least squares, every sample sharing one Gram matrix, warm-started at
-    ``initial`` (proportions) scaled to each sample's best total, or at 0."""
-    gram = signature.T @ signature
-    linear = bulk @ signature
-    if initial is None:
-        coef = np.zeros((bulk.shape[0], signature.shape[1]))
-    else:
-        coef = _scaled_start(initial, gram, linear)
-    return _solve_shared(gram, linear, coef)
 
 
 def variance_power(
@@ -166,7 +123,7 @@ def robust_dampened_fit(
         Measure the variance power per sample and round; ``False``: ``a = 2`` throughout.
     device
         A torch device other than the CPU (``"cuda"``): the same rounds in torch there, all
-        samples at once (:mod:`hpvade._robust_torch`). ``None`` or ``"cpu"``: the compiled
+        samples at once (:mod:`hpvade.core._robust_torch`). ``None`` or ``"cpu"``: the compiled
         kernels.
 
     Returns
@@ -186,7 +143,7 @@ def robust_dampened_fit(
         "estimate_power": estimate_power,
     }
     if device is not None and str(device).split(":")[0] != "cpu":
-        from hpvade._robust_torch import robust_fit_torch
+        from hpvade.core._robust_torch import robust_fit_torch
 
         fit_rows = functools.partial(
             robust_fit_torch,
@@ -221,7 +178,7 @@ def _robust_fit_rows(
     bulk, signature, initial, n_rounds, weight_cap, tukey_cutoff, estimate_power
 ) -> tuple[np.ndarray, np.ndarray]:
     """:func:`robust_dampened_fit` on one chunk of samples: the exact unweighted start here,
-    each round's weights and solves compiled (:mod:`hpvade._robust_kernel`), its Gram
+    each round's weights and solves compiled (:mod:`hpvade.core._robust_kernel`), its Gram
     matrices one matrix product."""
     bulk, signature = np.ascontiguousarray(bulk), np.ascontiguousarray(signature)
     n_types = signature.shape[1]
@@ -251,43 +208,6 @@ def _robust_fit_rows(
         round_solve(gram_upper, linear, coef, rows, ROUND_SWEEPS, ROUND_SWEEP_TOLERANCE, moved)
         rows = rows[moved[:n] > ROUND_TOLERANCE]
     return coef, weights
-
-
-def weighted_nnls(
-    bulk: np.ndarray,
-    signature: np.ndarray,
-    gene_weights: np.ndarray,
-    initial: np.ndarray | None = None,
-    max_sweeps: int = 2000,
-    tolerance: float = 1e-10,
-) -> np.ndarray:
-    """Per-sample ``min_p sum_g w_g (b_g - (S p)_g)^2`` with ``p >= 0``, rescaled to sum to 1.
-
-    Every sample shares the types × types Gram matrix ``S.T W S``; each is solved by exact
-    coordinate descent (compiled, one sample per thread). ``initial`` (proportions)
-    warm-starts it.
-    """
-    coef = _weighted_coefficients(bulk, signature, gene_weights, initial, max_sweeps, tolerance)
-    return _rows_sum_to_one(coef)
-
-
-def _weighted_coefficients(
-    bulk, signature, gene_weights, initial=None, max_sweeps=2000, tolerance=1e-10
-):
-    """The unnormalised coefficients of :func:`weighted_nnls`."""
-    weighted = signature * gene_weights[:, None]
-    gram = signature.T @ weighted
-    linear = bulk @ weighted
-    if initial is None:
-        initial = np.full((bulk.shape[0], signature.shape[1]), 1.0 / signature.shape[1])
-    start = _scaled_start(initial, gram, linear)
-    return _solve_shared(gram, linear, start, max_sweeps, tolerance)
-
-
-def _rows_sum_to_one(coef: np.ndarray) -> np.ndarray:
-    """Rescale rows to sum to 1; an all-zero row becomes uniform."""
-    totals = coef.sum(axis=1, keepdims=True)
-    return np.divide(coef, totals, out=np.full_like(coef, 1 / coef.shape[1]), where=totals > 0)
 
 
 class ProportionFit(NamedTuple):
@@ -329,11 +249,9 @@ def fit_proportions(
     if refine_steps <= 0:
         return ProportionFit(initial, np.ones(initial.shape[0]))
     if gene_weights is not None:
-        coef = _weighted_coefficients(
-            bulk_cpm, signature, np.asarray(gene_weights, float), initial
-        )
-        return ProportionFit(_rows_sum_to_one(coef), coef.sum(axis=1))
+        coef = weighted_coefficients(bulk_cpm, signature, np.asarray(gene_weights, float), initial)
+        return ProportionFit(rows_sum_to_one(coef), coef.sum(axis=1))
     if genes is not None:
         bulk_cpm, signature = bulk_cpm[:, genes], signature[genes]
     coef, weights = robust_dampened_fit(bulk_cpm, signature, initial, refine_steps, device=device)
-    return ProportionFit(_rows_sum_to_one(coef), coef.sum(axis=1), (weights == 0).mean(axis=0))
+    return ProportionFit(rows_sum_to_one(coef), coef.sum(axis=1), (weights == 0).mean(axis=0))

@@ -7,8 +7,8 @@ import numpy as np
 from scipy.stats import rankdata
 
 from hpvade._constants import CPM_SCALE
-from hpvade._robust_kernel import far_above_fit
-from hpvade._solvers import TUKEY_CUTOFF
+from hpvade.core._robust_kernel import far_above_fit
+from hpvade.core._solvers import TUKEY_CUTOFF
 
 #: The unknown fraction counts the genes the fit falls far short of in at least this share of
 #: the samples deconvolved together (one sample: its own such genes).

@@ -1,6 +1,6 @@
 """Compiled per-sample statistics of the robust fit, one sample per thread: each
-re-weighting round's gene weights and solve (``hpvade._solvers.robust_dampened_fit``), and the
-genes far above a sample's fit (``hpvade._unknown.unknown_share``).
+re-weighting round's gene weights and solve (``hpvade.core._solvers.robust_dampened_fit``), and the
+genes far above a sample's fit (``hpvade.core._unknown.unknown_share``).
 
 In numpy each round would be a dozen passes over a samples × genes array (log ratios, three
 row medians, the biweight, the variance power's bins, the weights), each on one core, and the
@@ -19,15 +19,59 @@ import math
 import numpy as np
 from numba import njit, prange
 
-from hpvade.data._kernels import median_in_place
-
 #: log(x) as log2(x) × ln 2: numba's natural log is several times slower than its log2 here
 LN2 = math.log(2.0)
 
 
 @njit(cache=True)
+def _kth_smallest(a, k):
+    """The k-th smallest value of ``a`` (reordered in place): quickselect with a median-of-three
+    pivot and branch-free partitions. numba's ``np.median`` partitions with branches that
+    random data mispredicts."""
+    lo, hi = 0, a.size
+    while hi - lo > 1:
+        mid = (lo + hi) >> 1
+        x, y, z = a[lo], a[mid], a[hi - 1]
+        pivot = max(min(x, y), min(max(x, y), z))
+        if pivot != pivot:  # NaN: no order to select in
+            return pivot
+        below = lo  # a[lo:below] < pivot
+        for i in range(lo, hi):
+            v = a[i]
+            a[i] = a[below]
+            a[below] = v
+            below += v < pivot
+        equal = below  # a[below:equal] == pivot
+        for i in range(below, hi):
+            v = a[i]
+            a[i] = a[equal]
+            a[equal] = v
+            equal += v == pivot
+        if k < below:
+            hi = below
+        elif k < equal:
+            return pivot
+        else:
+            lo = equal
+    return a[lo]
+
+
+@njit(cache=True)
+def median_in_place(a):
+    """``np.median(a)`` (the mean of the two middle values of an even count), reordering ``a``."""
+    half = a.size // 2
+    upper = _kth_smallest(a, half)
+    if a.size % 2:
+        return upper
+    lower = a[0]
+    for t in range(1, half):  # after the selection a[:half] holds the smaller values
+        lower = max(lower, a[t])
+    return (lower + upper) / 2.0
+
+
+@njit(cache=True)
 def variance_power_row(bulk, fitted, log_fitted, kept, n_bins, low_power, high_power):
-    """One sample's variance power (see ``hpvade._solvers.variance_power``)."""
+    """One sample's variance power (see ``hpvade.core._solvers.variance_power``)."""
     low, high, n_kept = np.inf, -np.inf, 0
     for g in range(bulk.size):
         if kept[g]:

@@ -1,6 +1,7 @@
 """How far each cell type's states are followed: evidence from the cohort, per type.
 
-The state weights of every sample are fitted to the bulk (:func:`hpvade._states.fit_state_weights`)
+The state weights of every sample are fitted to the bulk
+(:func:`hpvade.core._states.fit_state_weights`)
 on all the informative genes, and twice more, on two disjoint halves of them. The agreement of
 the two half fits across the samples (their split-half correlation, stepped up to all genes by
 the Spearman-Brown formula, ``2r / (1 + r)``) is the reliability of the fitted weights, and the
@@ -17,7 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from hpvade._states import CellStates, fit_state_weights
+from hpvade.core._states import CellStates, fit_state_weights
 
 #: Most genes the state weights are fitted on: those whose profiles differ most between the
 #: states of a type (the rest cannot tell the states apart, and only cost time).

@@ -11,7 +11,7 @@ profiles in place of the reference's), after each type's profile is adapted gene
 the samples' donors, as far as the cohort shows how they differ (:func:`cohort_type_factors`).
 
 How far each type's fitted state weights are followed is decided per type by the cohort
-(:mod:`hpvade._state_evidence`).
+(:mod:`hpvade.core._state_evidence`).
 """
 
 from __future__ import annotations

@@ -14,8 +14,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from hpvade._estimator import ProportionEstimator
-from hpvade._solvers import DEFAULT_REFINE_STEPS, weighted_nnls
+from hpvade.core._estimator import ProportionEstimator
+from hpvade.core._nnls import weighted_nnls
+from hpvade.core._solvers import DEFAULT_REFINE_STEPS
 
 logger = logging.getLogger(__name__)
 

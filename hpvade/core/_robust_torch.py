@@ -1,6 +1,6 @@
-"""The robust fit (``hpvade._solvers.robust_dampened_fit``) in torch, batched over samples, for
-a model on a GPU: the same rounds, weights, solves and stops as the compiled CPU kernels
-(``hpvade._robust_kernel``), each step one tensor operation over every active sample.
+"""The robust fit (``hpvade.core._solvers.robust_dampened_fit``) in torch, batched over
+samples, for a model on a GPU: the same rounds, weights, solves and stops as the compiled CPU
+kernels (``hpvade.core._robust_kernel``), each step one tensor operation over every active sample.
 
 On a CPU the compiled kernels are faster (they run one sample per thread without a
 samples × genes temporary per statistic), so this path serves only models on an accelerator;
@@ -14,7 +14,7 @@ import math
 import numpy as np
 import torch
 
-from hpvade._solvers import unweighted_start
+from hpvade.core._nnls import unweighted_start
 
 #: log(x) as log2(x) × ln 2, as the compiled kernels compute it
 LN2 = math.log(2.0)
@@ -31,7 +31,7 @@ def _median(values: torch.Tensor) -> torch.Tensor:
 
 
 def _variance_powers(bulk, fitted, log_fitted, kept, n_bins, low_power, high_power):
-    """``hpvade._robust_kernel.variance_power_row`` of every row at once."""
+    """``hpvade.core._robust_kernel.variance_power_row`` of every row at once."""
     n_kept = kept.sum(dim=1)
     inf = torch.tensor(math.inf, dtype=bulk.dtype, device=bulk.device)
     low = torch.where(kept, log_fitted, inf).amin(dim=1)
@@ -59,7 +59,7 @@ def _variance_powers(bulk, fitted, log_fitted, kept, n_bins, low_power, high_pow
 
 
 def _round_weights(bulk, fitted, weight_cap, tukey_cutoff, estimate_power, power_options):
-    """``hpvade._robust_kernel.round_weights`` of every row at once: the dampened weights
+    """``hpvade.core._robust_kernel.round_weights`` of every row at once: the dampened weights
     ``1 / fitted^a`` capped at ``weight_cap`` × the sample's median, times a Tukey biweight
     of the centred log ratios."""
     floor = bulk.sum(dim=1, keepdim=True) * (1e-3 / bulk.shape[1])
@@ -81,7 +81,7 @@ def _round_weights(bulk, fitted, weight_cap, tukey_cutoff, estimate_power, power
 
 
 def _solve(gram, linear, coef, max_sweeps, tolerance):
-    """``hpvade._robust_kernel._solve_round`` for every sample at once (``gram``: samples ×
+    """``hpvade.core._robust_kernel._solve_round`` for every sample at once (``gram``: samples ×
     types × types, symmetric): coordinate descent sweeps, each sample stopping after the
     first sweep whose largest step is below ``tolerance`` (relative). Returns the new
     coefficients; ``coef`` is not modified."""

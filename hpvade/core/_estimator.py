@@ -9,12 +9,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from hpvade._solvers import (
+from hpvade.core._solvers import (
     DEFAULT_REFINE_STEPS,
     ProportionFit,
     fit_proportions,
 )
-from hpvade._unknown import unknown_share
+from hpvade.core._unknown import unknown_share
 from hpvade.data._signature import scale_columns_to_cpm
 
 
@@ -93,7 +93,7 @@ class ProportionEstimator:
         self, cpm: np.ndarray, fit: ProportionFit, found: np.ndarray | None = None
     ) -> np.ndarray:
         """The share of each sample's expression the signature's types cannot explain (see
-        :func:`hpvade._unknown.unknown_share`), on the genes the bulk has."""
+        :func:`hpvade.core._unknown.unknown_share`), on the genes the bulk has."""
         signature = self.signature
         if found is not None and not found.all():
             cpm, signature = cpm[:, found], signature[found]

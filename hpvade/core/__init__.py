@@ -1,0 +1,69 @@
+"""The estimation core: proportions, a cohort's adaptation and cell-type expression computed
+from bulk samples and the signature S, as numpy / numba / torch functions that need no model.
+
+``model/`` serves these; each can be called and tested on its own. One concept a module:
+
+- ``_solvers``: the served robust dampened fit and ``fit_proportions``, the one rule for
+  which fit runs;
+- ``_nnls``: exact non-negative least squares with one shared Gram matrix (the robust fit's
+  start; an adapted model's gene-weighted fit);
+- ``_robust_kernel`` / ``_robust_torch``: the robust fit's rounds compiled for the CPU (numba),
+  and in torch for an accelerator;
+- ``_estimator``: ``ProportionEstimator``, the served fit as one object;
+- ``_signature_fit``: ``adapt``'s numerics (gene noise weights, S re-estimated on a cohort);
+- ``_scores``: per-sample scores of a fit on the Anscombe scale (also the training's bulk loss);
+- ``_unknown``: the share of a sample the reference's types cannot explain;
+- ``_intervals``: interval maths and the split-conformal scale;
+- ``_states`` / ``_state_evidence``: cell states, each sample's state weights, how far the
+  cohort's evidence lets each type follow them, allocation of the bulk among the types.
+"""
+
+from hpvade.core._estimator import ProportionEstimator
+from hpvade.core._intervals import conformal_scale, interval
+from hpvade.core._nnls import rows_sum_to_one, weighted_nnls
+from hpvade.core._scores import (
+    anscombe,
+    bulk_reconstruction_error,
+    sample_scores,
+    unexplained_expression,
+)
+from hpvade.core._signature_fit import ADAPT_OPTIONS, adapt_to_cohort
+from hpvade.core._solvers import (
+    DEFAULT_REFINE_STEPS,
+    DRAW_REFINE_STEPS,
+    ProportionFit,
+    fit_proportions,
+)
+from hpvade.core._state_evidence import StateEvidence, evidence_weighted_profiles
+from hpvade.core._states import (
+    CellStates,
+    allocate,
+    cluster_states,
+    cohort_type_factors,
+    state_profiles,
+)
+
+__all__ = [
+    "ADAPT_OPTIONS",
+    "DEFAULT_REFINE_STEPS",
+    "DRAW_REFINE_STEPS",
+    "CellStates",
+    "ProportionEstimator",
+    "ProportionFit",
+    "StateEvidence",
+    "adapt_to_cohort",
+    "allocate",
+    "anscombe",
+    "bulk_reconstruction_error",
+    "cluster_states",
+    "cohort_type_factors",
+    "conformal_scale",
+    "evidence_weighted_profiles",
+    "fit_proportions",
+    "interval",
+    "rows_sum_to_one",
+    "sample_scores",
+    "state_profiles",
+    "unexplained_expression",
+    "weighted_nnls",
+]
