@@ -300,3 +300,24 @@ def test_cell_states_need_the_vae(pbmc_split, test_bulk):
     allocation = _allocation(model, test_bulk, mixture)
     for k, name in enumerate(model.cell_types):
         np.testing.assert_allclose(expression[name].to_numpy(), allocation[:, k], rtol=1e-6)
+
+
+def test_a_type_without_evidence_gets_allocation_whatever_the_others_states_claim():
+    from hpvade.core import allocate, evidence_weighted_split
+
+    rng = np.random.default_rng(0)
+    signature = rng.gamma(2.0, 50.0, size=(30, 3))
+    mixture = rng.dirichlet(np.ones(3), size=8)
+    bulk = mixture @ signature.T * rng.lognormal(0, 0.2, size=(8, 30))
+    # type 0's states claim genes 0-9 in every sample; types 1 and 2 keep their profiles
+    profiles = [signature[:, 0] * np.where(np.arange(30) < 10, 5.0, 1.0)[None].repeat(8, 0)]
+    profiles += [signature[:, 1], signature[:, 2]]
+    weight = np.array([1.0, 0.0, 0.5])
+    split = evidence_weighted_split(bulk, mixture, profiles, signature, weight, [0, 1, 2])
+    states = allocate(bulk, mixture, profiles, [0, 1, 2])
+    plain = allocate(bulk, mixture, list(signature.T), [0, 1, 2])
+    np.testing.assert_allclose(split[0], states[0])
+    np.testing.assert_allclose(split[1], plain[1])  # not states[1], which lost genes 0-9
+    assert np.abs(states[1] - plain[1]).max() > 1e3
+    np.testing.assert_allclose(split[2], 0.5 * states[2] + 0.5 * plain[2])
+    np.testing.assert_allclose(split[2].sum(axis=1), 1e6)

@@ -34,7 +34,11 @@ from hpvade.core._solvers import (
     ProportionFit,
     fit_proportions,
 )
-from hpvade.core._state_evidence import StateEvidence, evidence_weighted_profiles
+from hpvade.core._state_evidence import (
+    StateEvidence,
+    evidence_weighted_profiles,
+    evidence_weighted_split,
+)
 from hpvade.core._states import (
     CellStates,
     allocate,
@@ -59,6 +63,7 @@ __all__ = [
     "cohort_type_factors",
     "conformal_scale",
     "evidence_weighted_profiles",
+    "evidence_weighted_split",
     "fit_proportions",
     "interval",
     "rows_sum_to_one",

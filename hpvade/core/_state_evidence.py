@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from hpvade.core._states import CellStates, fit_state_weights
+from hpvade.core._states import CellStates, allocate, fit_state_weights
 
 #: Most genes the state weights are fitted on: those whose profiles differ most between the
 #: states of a type (the rest cannot tell the states apart, and only cost time).
@@ -176,3 +176,37 @@ def _profile_shift(profiles, reference, rows, scratch) -> float:
     scratch -= reference / max(reference.sum(), 1e-300)
     np.abs(scratch, out=scratch)
     return float(0.5 * scratch.sum(axis=1)[rows].mean())
+
+
+def evidence_weighted_split(
+    bulk_cpm: np.ndarray,
+    proportions: np.ndarray,
+    profiles: list[np.ndarray],
+    signature: np.ndarray,
+    weight: np.ndarray,
+    cell_types: list[int],
+) -> dict[int, np.ndarray]:
+    """Each of ``cell_types``' share of each gene's bulk (``{type: samples × genes}``, CPM):
+    the split by the state-aware ``profiles`` (:func:`hpvade.core._states.allocate`) and the
+    split by the reference profiles (allocation, the columns of ``signature``), averaged with
+    the type's evidence ``weight``: ``weight × state-aware + (1 − weight) × allocation``.
+
+    Without the average a type whose states have no evidence would still move with the
+    others': where other types' states claim more of a gene, it would get less of it.
+    A type with weight 0 gets allocation exactly; with weight 1, the state-aware split.
+    """
+    moved = [k for k in cell_types if weight[k] > 0]
+    kept = [k for k in cell_types if weight[k] < 1]
+    shares = allocate(bulk_cpm, proportions, profiles, moved) if moved else {}
+    plain = allocate(bulk_cpm, proportions, list(signature.T), kept) if kept else {}
+    out = {}
+    for k in cell_types:
+        if k not in shares:
+            out[k] = plain[k]
+        elif k not in plain:
+            out[k] = shares[k]
+        else:
+            out[k] = shares[k]
+            out[k] *= weight[k]
+            out[k] += (1.0 - weight[k]) * plain[k]
+    return out

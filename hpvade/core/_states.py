@@ -184,9 +184,14 @@ def mixed_profiles(proportions: np.ndarray, profiles: list[np.ndarray]) -> np.nd
     """``sum_k proportions[:, k] * profiles[k]`` (samples × genes): the bulk the types'
     profiles predict. ``profiles``: a samples × genes array per type, or a gene vector
     shared by all samples."""
-    total = np.zeros((proportions.shape[0], np.shape(profiles[0])[-1]))
+    shared = [k for k, profile in enumerate(profiles) if np.ndim(profile) == 1]
+    if shared:  # the profiles all samples share: one matrix product
+        total = proportions[:, shared] @ np.stack([profiles[k] for k in shared])
+    else:
+        total = np.zeros((proportions.shape[0], np.shape(profiles[0])[-1]))
     for k, profile in enumerate(profiles):
-        total += proportions[:, k, None] * profile
+        if np.ndim(profile) == 2:
+            total += proportions[:, k, None] * profile
     return total
 
 

@@ -19,6 +19,7 @@ from hpvade.core import (
     cluster_states,
     cohort_type_factors,
     evidence_weighted_profiles,
+    evidence_weighted_split,
     state_profiles,
 )
 from hpvade.data._bulk import as_bulk_anndata
@@ -95,9 +96,12 @@ class ExpressionMixin:
         the evidence grows. Each type's profiles are then adapted gene by gene to the
         samples' donors: a factor per gene and type, fitted across the samples (least
         squares of the bulk on ``proportion × profile``) and pulled towards 1 with the weight
-        of 10 samples. Each gene's bulk expression is finally split among the types in
-        proportion to ``proportion × profile``. Pass the samples of a cohort together: the
-        evidence comes from the differences between them (a single sample gets allocation).
+        of 10 samples. Each gene's bulk expression is split among the types in proportion to
+        ``proportion × profile``, and each type's split is finally averaged with allocation's
+        (the split by the reference profiles) by the same weight: a type whose states have
+        no evidence gets allocation exactly, whatever the other types' states claim. Pass the
+        samples of a cohort together: the evidence comes from the differences between them
+        (a single sample gets allocation).
 
         What was used is kept in :attr:`state_evidence_` (one row per type: ``n_states``,
         ``split_half_r``, ``weight``, ``profile_shift``) and in each returned frame's
@@ -116,8 +120,8 @@ class ExpressionMixin:
             ``None`` (default): each type's states weighted by the evidence, as above (a
             model built with ``use_vae=False`` has none: it warns and allocates). ``True``:
             every type's fitted state weights followed fully (weight 1), whatever the
-            evidence; ``False``: none, and no cohort factors (allocation by the reference
-            profiles).
+            evidence, and the state-aware split served as is; ``False``: none, and no cohort
+            factors (allocation by the reference profiles).
 
         Returns
         -------
@@ -156,7 +160,13 @@ class ExpressionMixin:
                 self._warn_if_no_state_moved(evidence, bulk.n_obs)
         self.state_evidence_ = self._evidence_frame(evidence)
         index, columns = bulk.obs_names.copy(), self.var_names[genes]
-        shares = allocate(cpm, mixture, profiles, [self.cell_types.get_loc(n) for n in wanted])
+        indices = [self.cell_types.get_loc(n) for n in wanted]
+        if evidence is None or use_states:
+            shares = allocate(cpm, mixture, profiles, indices)
+        else:
+            shares = evidence_weighted_split(
+                cpm, mixture, profiles, signature, evidence.weight, indices
+            )
         result = {
             name: pd.DataFrame(shares[self.cell_types.get_loc(name)], index, columns)
             for name in wanted
