@@ -162,7 +162,7 @@ def cross_dataset_runs(cohorts: dict, seeds: list[int], max_epochs, variants=("h
             if variant != "hpvade":
                 continue
             results[("hpvade state-aware", name, seed)] = model.get_proportions(
-                bulk.copy(), state_aware=True
+                bulk.copy(), use_states=True
             )
             model.adapt(bulk.copy())
             results[("hpvade + adapt", name, seed)] = model.get_proportions(bulk.copy())
@@ -244,7 +244,7 @@ def hpvade_runs(ref, bulks, seeds, max_epochs, variants=("hpvade",)):
             if variant != "hpvade":
                 continue
             results[("hpvade state-aware", name, seed)] = model.get_proportions(
-                adata.copy(), state_aware=True
+                adata.copy(), use_states=True
             )
             UNKNOWN[(name, seed)] = served.obs["hpvade_unknown_fraction"]
             if adata.n_obs < 3:  # adapt refuses fewer than 3 samples (Hoek has 2)

@@ -12,11 +12,15 @@ import warnings
 import rich.pretty  # noqa: F401
 
 
-def renamed_keywords(**renames: str):
+def renamed_keywords(_since: str = "0.2", _until: str = "0.3", **renames: str):
     """Accept ``old=`` keywords as ``new=`` with a :class:`FutureWarning` (one release).
 
     Parameters
     ----------
+    _since
+        The release that renamed them.
+    _until
+        The release in which the old names stop working.
     **renames
         ``old_name="new_name"`` pairs.
     """
@@ -33,8 +37,8 @@ def renamed_keywords(**renames: str):
                         f"pass only `{new}`."
                     )
                 warnings.warn(
-                    f"`{old}` was renamed `{new}` in hpvade 0.2; the old name stops working in "
-                    "0.3.",
+                    f"`{old}` was renamed `{new}` in hpvade {_since}; the old name stops "
+                    f"working in {_until}.",
                     FutureWarning,
                     stacklevel=2,
                 )

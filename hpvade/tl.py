@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 from anndata import AnnData
 
-from hpvade.core import DEFAULT_REFINE_STEPS, ProportionEstimator
+from hpvade.core import DEFAULT_ROUNDS, ProportionEstimator
 from hpvade.data._bulk import as_bulk_anndata, bulk_to_cpm, on_signature_scale
 from hpvade.data._signature import scale_columns_to_cpm
 
@@ -19,7 +19,7 @@ def fit_proportions(
     bulk: AnnData | pd.DataFrame,
     signature: pd.DataFrame,
     genes: list[str] | None = None,
-    n_rounds: int = DEFAULT_REFINE_STEPS,
+    n_rounds: int = DEFAULT_ROUNDS,
     layer: str | None = None,
 ) -> pd.DataFrame:
     """Proportions of bulk samples by the robust fit :class:`~hpvade.HPVADE` serves, without

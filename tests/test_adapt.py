@@ -26,7 +26,7 @@ def adapted(trained, test_bulk, tmp_path_factory):
     trained.save(path, overwrite=True)
     model = hpvade.HPVADE.load(path, adata=trained.adata)
     bulk = test_bulk.copy()
-    info = model.adapt(bulk, n_rounds=40)
+    info = model.adapt(bulk, max_iterations=40)
     return model, bulk, info
 
 

@@ -29,7 +29,7 @@ def test_layout_limits():
 
 
 #: docs/contributing.md's import rule: which hpvade modules each layer may import (prefixes).
-FOUNDATION = ("_constants", "_exceptions", "_compat", "_logging")
+FOUNDATION = ("_constants", "_exceptions", "_compat", "_logging", "_random")
 LAYERS = {
     FOUNDATION: (),
     ("data",): (*FOUNDATION, "data"),

@@ -256,8 +256,11 @@ def test_evidence_weights_follow_the_split_half_agreement():
 def test_state_aware_proportions_are_proportions(trained, test_bulk):
     bulk = test_bulk.copy()
     default = trained.get_proportions(bulk.copy()).to_numpy()
-    aware = trained.get_proportions(bulk, state_aware=True).to_numpy()
-    assert bulk.uns["hpvade_estimator"]["state_aware"] is True
+    aware = trained.get_proportions(bulk, use_states=True).to_numpy()
+    assert bulk.uns["hpvade_estimator"]["use_states"] is True
+    with pytest.warns(FutureWarning, match="`state_aware` was renamed `use_states` in hpvade 0.3"):
+        old = trained.get_proportions(test_bulk.copy(), state_aware=True).to_numpy()
+    np.testing.assert_array_equal(old, aware)
     np.testing.assert_allclose(aware.sum(axis=1), 1.0, atol=1e-9)
     assert np.all(aware >= 0)
     truth = test_bulk.obsm["proportions"].to_numpy()
@@ -292,7 +295,7 @@ def test_cell_states_need_the_vae(pbmc_split, test_bulk):
     with pytest.raises(ValueError, match="use_vae=False"):
         model.get_cell_type_expression(test_bulk.copy(), use_states=True)
     with pytest.raises(ValueError, match="use_vae=False"):
-        model.get_proportions(test_bulk.copy(), state_aware=True)
+        model.get_proportions(test_bulk.copy(), use_states=True)
     # without states, the default is allocation by the reference profiles, with a warning
     with pytest.warns(UserWarning, match="use_vae=False.*allocation"):
         expression = model.get_cell_type_expression(test_bulk)

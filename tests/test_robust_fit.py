@@ -338,7 +338,7 @@ def test_the_robust_fit_in_torch_equals_the_compiled_kernels(estimate_power, dev
             bulk,
             signature,
             start,
-            _solvers.DEFAULT_REFINE_STEPS,
+            _solvers.DEFAULT_ROUNDS,
             _solvers.WEIGHT_CAP,
             _solvers.TUKEY_CUTOFF,
             estimate_power,

@@ -52,7 +52,7 @@ def test_second_adapt_starts_from_the_reference_model(trained, cohorts, tmp_path
     assert np.abs(after_a - expected).mean() > 0.01
     assert np.abs(served - expected).mean() <= 0.005
     # 60 samples of 10 types: a small cohort, adapt stops early
-    assert twice.adaptation_["n_rounds"] == 30
+    assert twice.adaptation_["max_iterations"] == 30
 
 
 def test_train_after_adapt_serves_the_reference_estimator(trained, cohorts, tmp_path):
@@ -78,7 +78,7 @@ def test_train_after_adapt_serves_the_reference_estimator(trained, cohorts, tmp_
         "estimator": "robust_dampened_wls",
         "adapted": False,
         "n_rounds": 30,
-        "state_aware": False,
+        "use_states": False,
     }
     np.testing.assert_allclose(model.get_signature().to_numpy(), before, rtol=1e-4, atol=1e-3)
 

@@ -161,8 +161,14 @@ def test_public_calls_change_only_documented_keys(pbmc_split, trained, test_bulk
     adapted = hpvade.HPVADE.load(_saved(trained), adata=trained.adata)
     bulk = test_bulk[:20].copy()
     snapshot = bulk.copy()
-    adapted.adapt(bulk, n_rounds=3)
+    adapted.adapt(bulk, max_iterations=3)
     assert _same(bulk, snapshot)  # adapt writes nothing on the bulk
+    with pytest.warns(FutureWarning, match="`n_rounds` was renamed `max_iterations`"):
+        summary = adapted.adapt(bulk, n_rounds=2)
+    assert summary["max_iterations"] == 2 and summary["n_iterations_run"] <= 2
+    # a summary saved before 0.3 names it n_rounds: the recalibrations still read it
+    adapted.adaptation_["n_rounds"] = adapted.adaptation_.pop("max_iterations")
+    assert adapted.calibrate_uncertainty(n_draws=2, n_pseudobulk=20) is not None
 
     registered = pbmc_split[0].copy()
     snapshot = registered.copy()

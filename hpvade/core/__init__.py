@@ -3,7 +3,7 @@ from bulk samples and the signature S, as numpy / numba / torch functions that n
 
 ``model/`` serves these; each can be called and tested on its own. One concept a module:
 
-- ``_solvers``: the served robust dampened fit and ``fit_proportions``, the one rule for
+- ``_solvers``: the served robust dampened fit and ``proportion_fit``, the one rule for
   which fit runs;
 - ``_nnls``: exact non-negative least squares with one shared Gram matrix (the robust fit's
   start; an adapted model's gene-weighted fit);
@@ -29,10 +29,10 @@ from hpvade.core._scores import (
 )
 from hpvade.core._signature_fit import ADAPT_OPTIONS, adapt_to_cohort
 from hpvade.core._solvers import (
-    DEFAULT_REFINE_STEPS,
-    DRAW_REFINE_STEPS,
+    DEFAULT_ROUNDS,
+    DRAW_ROUNDS,
     ProportionFit,
-    fit_proportions,
+    proportion_fit,
 )
 from hpvade.core._state_evidence import (
     StateEvidence,
@@ -49,8 +49,8 @@ from hpvade.core._states import (
 
 __all__ = [
     "ADAPT_OPTIONS",
-    "DEFAULT_REFINE_STEPS",
-    "DRAW_REFINE_STEPS",
+    "DEFAULT_ROUNDS",
+    "DRAW_ROUNDS",
     "CellStates",
     "ProportionEstimator",
     "ProportionFit",
@@ -64,7 +64,7 @@ __all__ = [
     "conformal_scale",
     "evidence_weighted_profiles",
     "evidence_weighted_split",
-    "fit_proportions",
+    "proportion_fit",
     "interval",
     "rows_sum_to_one",
     "sample_scores",

@@ -10,9 +10,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from hpvade.core._solvers import (
-    DEFAULT_REFINE_STEPS,
+    DEFAULT_ROUNDS,
     ProportionFit,
-    fit_proportions,
+    proportion_fit,
 )
 from hpvade.core._unknown import unknown_share
 from hpvade.data._signature import scale_columns_to_cpm
@@ -54,7 +54,7 @@ class ProportionEstimator:
         self,
         cpm: np.ndarray,
         initial: np.ndarray,
-        n_rounds: int = DEFAULT_REFINE_STEPS,
+        n_rounds: int = DEFAULT_ROUNDS,
         found: np.ndarray | None = None,
         signature: np.ndarray | None = None,
     ) -> ProportionFit:
@@ -68,7 +68,7 @@ class ProportionEstimator:
         else:
             weights = np.asarray(self.gene_weights, dtype=float)
             genes = {"gene_weights": weights if found is None else weights * found}
-        return fit_proportions(cpm, signature, initial, n_rounds, **genes)
+        return proportion_fit(cpm, signature, initial, n_rounds, **genes)
 
     def draws(
         self,

@@ -16,7 +16,7 @@ import numpy as np
 
 from hpvade.core._estimator import ProportionEstimator
 from hpvade.core._nnls import weighted_nnls
-from hpvade.core._solvers import DEFAULT_REFINE_STEPS
+from hpvade.core._solvers import DEFAULT_ROUNDS
 
 logger = logging.getLogger(__name__)
 
@@ -24,7 +24,7 @@ logger = logging.getLogger(__name__)
 SMALL_COHORT = 40
 #: The settings of ``adapt`` that its numerics take (kept in ``adaptation_``).
 ADAPT_OPTIONS = (
-    "n_rounds",
+    "max_iterations",
     "prior_strength",
     "validation_fraction",
     "tolerance",
@@ -35,7 +35,7 @@ ADAPT_OPTIONS = (
 
 @dataclass
 class AdaptationResult:
-    """What :func:`adapt_signature` did: rounds run, whether S was kept, held-out errors.
+    """What :func:`adapt_signature` did: iterations run, whether S was kept, held-out errors.
 
     ``gene_weights`` (None when S was left unchanged) are the per-gene inverse noise variances
     of the last round, used by the adapted model's proportion fits.
@@ -44,7 +44,7 @@ class AdaptationResult:
     signature: np.ndarray
     gene_weights: np.ndarray | None
     kept: bool
-    n_rounds_run: int
+    n_iterations_run: int
     validation_error: list[float] = field(default_factory=list)
     n_fit_samples: int = 0
     n_validation_samples: int = 0
@@ -52,7 +52,7 @@ class AdaptationResult:
     def as_dict(self) -> dict:
         return {
             "kept": self.kept,
-            "n_rounds_run": self.n_rounds_run,
+            "n_iterations_run": self.n_iterations_run,
             "validation_error": [float(v) for v in self.validation_error],
             "n_fit_samples": self.n_fit_samples,
             "n_validation_samples": self.n_validation_samples,
@@ -130,19 +130,20 @@ def adapt_signature(
     prior: np.ndarray,
     initial_proportions: np.ndarray,
     strength: np.ndarray,
-    n_rounds: int,
+    max_iterations: int,
     validation_fraction: float,
     rng: np.random.Generator,
     gene_factor: bool = True,
     factor_shrinkage: float = 0.0,
     tolerance: float = 1e-6,
 ) -> AdaptationResult:
-    """Alternate weighted P-steps and ridge S-steps for ``n_rounds`` (or until S is stable).
+    """Alternate weighted P-steps and ridge S-steps, at most ``max_iterations`` times (fewer
+    once S is stable).
 
     The gene weights (:func:`gene_noise_weights`) are re-estimated from every round's
     residuals. Over-fitting is held back by the prior (ridge towards the single-cell
-    signature) and by the round count, a measured early stop (more rounds over-fit a dozen
-    samples). Held-out samples are a guard: if the adapted S explains them worse than the
+    signature) and by the iteration count, a measured early stop (more iterations over-fit a
+    dozen samples). Held-out samples are a guard: if the adapted S explains them worse than the
     unadapted one (weighted squared error, same weights), S is left unchanged.
     """
     n = bulk_cpm.shape[0]
@@ -156,9 +157,9 @@ def adapt_signature(
     profiles, factor = prior.copy(), np.ones(prior.shape[0])
     P = np.asarray(initial_proportions, dtype=float)
     weights = gene_noise_weights(bulk_cpm, P @ S.T, n_types)
-    rounds = 0
-    for k in range(1, n_rounds + 1):
-        rounds = k
+    iterations = 0
+    for k in range(1, max_iterations + 1):
+        iterations = k
         previous = S
         P = weighted_nnls(bulk_cpm, S, weights, initial=P)
         if gene_factor:
@@ -167,7 +168,7 @@ def adapt_signature(
         S = factor[:, None] * profiles
         weights = gene_noise_weights(bulk_cpm, P @ S.T, n_types)
         change = np.abs(S - previous).sum() / max(np.abs(previous).sum(), 1e-30)
-        logger.debug("adapt round %d: relative change of S %.3g", k, change)
+        logger.debug("adapt iteration %d: relative change of S %.3g", k, change)
         if change < tolerance:
             break
 
@@ -183,8 +184,8 @@ def adapt_signature(
             errors[1],
             errors[0],
         )
-        return AdaptationResult(prior.copy(), None, False, rounds, errors, fit.size, n_val)
-    return AdaptationResult(S, weights, True, rounds, errors, fit.size, n_val)
+        return AdaptationResult(prior.copy(), None, False, iterations, errors, fit.size, n_val)
+    return AdaptationResult(S, weights, True, iterations, errors, fit.size, n_val)
 
 
 def adapt_to_cohort(
@@ -198,9 +199,10 @@ def adapt_to_cohort(
     """``adapt`` on one cohort: :func:`adapt_signature` from ``prior`` (the reference's
     estimator), its prior strength scaled by each type's reference cells and by the cohort's
     size, started from the prior's robust fit (``options``: adapt's settings)."""
-    options = {name: options[name] for name in ADAPT_OPTIONS}
+    # "n_rounds": the old name of max_iterations, in the summaries of older saved models
+    options = {name: options.get(name, options.get("n_rounds")) for name in ADAPT_OPTIONS}
     counts = np.asarray(type_cell_counts, dtype=float)
     cohort = min(1.0, cpm.shape[0] / SMALL_COHORT)
     strength = options.pop("prior_strength") * cohort * counts / counts.mean()
-    initial = prior.fit(cpm, network_proportions, DEFAULT_REFINE_STEPS).proportions
+    initial = prior.fit(cpm, network_proportions, DEFAULT_ROUNDS).proportions
     return adapt_signature(cpm, prior.signature, initial, strength, rng=rng, **options)

@@ -21,11 +21,11 @@ from hpvade.core._nnls import rows_sum_to_one, unweighted_start, weighted_coeffi
 from hpvade.core._robust_kernel import gram_products, round_solve, round_weights, variance_powers
 
 #: Re-weighting rounds of the served fit (``refine_steps`` of ``get_proportions``).
-DEFAULT_REFINE_STEPS = 30
+DEFAULT_ROUNDS = 30
 #: A sample's rounds stop once its coefficients change by less than this (relative L1).
 ROUND_TOLERANCE = 1e-5
 #: Rounds re-fitting each signature draw, started from the served estimate (intervals).
-DRAW_REFINE_STEPS = 10
+DRAW_ROUNDS = 10
 #: Cap of the dampened weights ``1 / fitted^a``, as a multiple of each sample's median weight
 #: (DWLS's dampening: without it a handful of barely expressed genes carry the fit).
 WEIGHT_CAP = 32.0
@@ -78,7 +78,7 @@ def robust_dampened_fit(
     bulk: np.ndarray,
     signature: np.ndarray,
     initial: np.ndarray | None = None,
-    n_rounds: int = DEFAULT_REFINE_STEPS,
+    n_rounds: int = DEFAULT_ROUNDS,
     weight_cap: float = WEIGHT_CAP,
     tukey_cutoff: float = TUKEY_CUTOFF,
     estimate_power: bool = True,
@@ -211,7 +211,7 @@ def _robust_fit_rows(
 
 
 class ProportionFit(NamedTuple):
-    """What :func:`fit_proportions` returns."""
+    """What :func:`proportion_fit` returns."""
 
     #: samples × types, rows sum to 1
     proportions: np.ndarray
@@ -222,7 +222,7 @@ class ProportionFit(NamedTuple):
     set_aside: np.ndarray | None = None
 
 
-def fit_proportions(
+def proportion_fit(
     bulk_cpm: np.ndarray,
     signature: np.ndarray,
     initial: np.ndarray,

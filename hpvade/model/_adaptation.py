@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import logging
 import warnings
+from typing import TypedDict
 
 import numpy as np
 import torch
 from anndata import AnnData
 from scvi import settings
 
+from hpvade._compat import renamed_keywords
+from hpvade._random import default_rng
 from hpvade.core import ADAPT_OPTIONS, ProportionEstimator, adapt_to_cohort
 from hpvade.data._bulk import as_bulk_anndata
 from hpvade.model._fitted_state import reset_fitted_state
@@ -18,18 +21,38 @@ logger = logging.getLogger(__name__)
 
 #: Fewest bulk samples ``adapt`` accepts (the network's BatchNorm needs 2; S needs variation).
 MIN_ADAPT_SAMPLES = 3
-#: Alternating rounds of ``adapt``: an early stop (see its ``n_rounds``).
-DEFAULT_ADAPT_ROUNDS = 30
+#: Most alternations of ``adapt``: an early stop (see its ``max_iterations``).
+DEFAULT_ADAPT_ITERATIONS = 30
+
+
+class AdaptationSummary(TypedDict, total=False):
+    """What :meth:`~hpvade.HPVADE.adapt` returns (and keeps in ``adaptation_``)."""
+
+    kept: bool  # False: S unchanged
+    declined: str  # why adapt did not run (only then)
+    n_iterations_run: int
+    validation_error: list[float]  # held-out error with the unadapted and the adapted S
+    n_fit_samples: int
+    n_validation_samples: int
+    n_samples: int
+    n_genes_adapted: int
+    max_iterations: int
+    prior_strength: float
+    validation_fraction: float
+    tolerance: float
+    gene_factor: bool
+    factor_shrinkage: float
 
 
 class AdaptationMixin:
     """``adapt`` and the fine-tuning of the deconvolution network that follows it."""
 
+    @renamed_keywords("0.3", "0.4", n_rounds="max_iterations")
     def adapt(
         self,
         bulk: AnnData,
         layer: str | None = None,
-        n_rounds: int = DEFAULT_ADAPT_ROUNDS,
+        max_iterations: int = DEFAULT_ADAPT_ITERATIONS,
         prior_strength: float = 0.5,
         validation_fraction: float = 0.2,
         tolerance: float = 1e-6,
@@ -37,13 +60,13 @@ class AdaptationMixin:
         gene_factor: bool = True,
         factor_shrinkage: float = 0.0,
         seed: int | None = None,
-    ) -> dict:
+    ) -> AdaptationSummary:
         """Adapt the signature S and the deconvolution network to the user's bulk samples.
 
         No labels are needed. Every call starts from the model as :meth:`train` left it, so
         adapting to cohort A and then to B serves on B what adapting to B alone serves; S is
         re-estimated from the signature built from the reference cells (see
-        ``_adaptation_prior`` for why not from the learned S). Rounds
+        ``_adaptation_prior`` for why not from the learned S). Iterations
         alternate proportions given S and S given proportions. Proportions are the exact
         non-negative least-squares fit of each sample with every gene weighted by the inverse
         of its noise variance, re-estimated each round from the residuals over all samples and
@@ -69,10 +92,10 @@ class AdaptationMixin:
             it has; the others keep the reference's rows (and no weight in the adapted fit).
         layer
             Layer of ``bulk`` with the values; ``None`` uses ``bulk.X``.
-        n_rounds
-            Alternating rounds; fewer stop earlier (rounds also end once S stops changing).
-            The default is an early stop: a converged S over-fits small cohorts (see
-            ``benchmarks/results/`` and docs/model.md).
+        max_iterations
+            Most alternations of the proportions and S (they also end once S stops
+            changing). The default is an early stop: a converged S over-fits small cohorts
+            (docs/model.md). ``n_rounds`` is its old name (a FutureWarning).
         prior_strength
             Strength of the pull towards the single-cell signature for a type with the mean
             number of reference cells (in units of samples' worth of evidence). Below 40
@@ -94,10 +117,10 @@ class AdaptationMixin:
 
         Returns
         -------
-        Summary dict (also in ``model.adaptation_``): ``kept`` (False: S unchanged;
-        ``declined`` then says why adapt did not run: no more samples than cell types, since
-        S cannot be re-estimated from fewer, and a warning says so),
-        ``n_rounds_run``, held-out ``validation_error`` (weighted squared error with the
+        An ``AdaptationSummary`` dict (also in ``model.adaptation_``): ``kept`` (False: S
+        unchanged; ``declined`` then says why adapt did not run: no more samples than cell
+        types, since S cannot be re-estimated from fewer, and a warning says so),
+        ``n_iterations_run``, held-out ``validation_error`` (weighted squared error with the
         unadapted and the adapted S), sample counts and the settings.
         """
         settings_given = dict(locals())  # adapt's numerical settings, kept in adaptation_
@@ -125,7 +148,7 @@ class AdaptationMixin:
         self._restore_reference_state()
         reset_fitted_state(self, "adapt")
         options = {name: settings_given[name] for name in ADAPT_OPTIONS}
-        rng = np.random.default_rng((settings.seed or 0) if seed is None else seed)
+        rng = default_rng(seed)
         self.module.eval()
         # S is re-estimated on the genes the bulk has; the others keep the reference's rows
         genes = np.flatnonzero(found)
@@ -151,10 +174,10 @@ class AdaptationMixin:
             self._distill(cpm, served.proportions, distill_steps)
         self.calibrate_unexplained()
         logger.info(
-            "Adapted S on %d bulk samples: %s after %d rounds (held-out error %.4g -> %.4g).",
+            "Adapted S on %d bulk samples: %s after %d iterations (held-out error %.4g -> %.4g).",
             cpm.shape[0],
             "kept" if result.kept else "S unchanged",
-            result.n_rounds_run,
+            result.n_iterations_run,
             result.validation_error[0],
             result.validation_error[-1],
         )
@@ -171,7 +194,7 @@ class AdaptationMixin:
             return np.asarray(self.reference_signature_, dtype=float)
         return self.module.signature_array()
 
-    def _decline_adaptation(self, reason: str) -> dict:
+    def _decline_adaptation(self, reason: str) -> AdaptationSummary:
         """Leave S as ``train`` left it, warn with ``reason`` and return adapt's summary."""
         if self.adaptation_ is not None:  # undo an earlier adapt, as every adapt does
             self._restore_reference_state()

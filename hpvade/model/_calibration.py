@@ -11,8 +11,9 @@ import numpy as np
 import torch
 
 from hpvade._compat import renamed_keywords
+from hpvade._random import default_rng
 from hpvade.core import (
-    DRAW_REFINE_STEPS,
+    DRAW_ROUNDS,
     ProportionEstimator,
     adapt_to_cohort,
     conformal_scale,
@@ -76,7 +77,7 @@ class CalibrationMixin:
         self,
         n_pseudobulk: int = UNEXPLAINED_CALIBRATION_PSEUDOBULKS,
         quantile: float = UNEXPLAINED_QUANTILE,
-        seed: int = 0,
+        seed: int | None = None,
     ) -> float:
         """Calibrate the threshold of the unexplained-sample flag on the reference.
 
@@ -97,13 +98,13 @@ class CalibrationMixin:
         quantile
             Quantile of the calibration scores.
         seed
-            Seed of the splits and the simulation.
+            Seed of the splits and the simulation; defaults to ``scvi.settings.seed``.
 
         Returns
         -------
         The threshold.
         """
-        fits = self._calibration_fits(n_pseudobulk, np.random.default_rng(seed))
+        fits = self._calibration_fits(n_pseudobulk, default_rng(seed))
         return self._calibrate_unexplained_on(list(fits), quantile)
 
     def _calibrate_unexplained_on(self, fits, quantile: float) -> float:
@@ -125,7 +126,7 @@ class CalibrationMixin:
         n_draws: int = INTERVAL_CALIBRATION_DRAWS,
         n_pseudobulk: int = INTERVAL_CALIBRATION_PSEUDOBULKS,
         coverage: float = INTERVAL_COVERAGE,
-        seed: int = 0,
+        seed: int | None = None,
     ) -> np.ndarray:
         """Calibrate the width of the proportion intervals on pseudobulks of known composition.
 
@@ -148,7 +149,8 @@ class CalibrationMixin:
         coverage
             Target coverage of the interval.
         seed
-            Seed of the splits, the simulation and the draws.
+            Seed of the splits, the simulation and the draws; defaults to
+            ``scvi.settings.seed``.
 
         Returns
         -------
@@ -160,7 +162,7 @@ class CalibrationMixin:
                 "them on: load it with `hpvade.HPVADE.load(path, adata=ref)`, then ask for "
                 "draws again."
             )
-        rng = np.random.default_rng(seed)
+        rng = default_rng(seed)
         fits = list(self._calibration_fits(n_pseudobulk, rng))
         return self._calibrate_uncertainty_on(fits, n_draws, coverage, rng)
 
@@ -172,14 +174,14 @@ class CalibrationMixin:
         fit_genes = self.estimator().fit_genes
         for signature, cpm, truth, estimate, weights in fits:
             half = ProportionEstimator(signature, fit_genes, weights)
-            draws.append(half.draws(cpm, estimate, ratios, DRAW_REFINE_STEPS))
+            draws.append(half.draws(cpm, estimate, ratios, DRAW_ROUNDS))
             truths.append(truth)
             estimates.append(estimate)
         self.interval_scale_ = conformal_scale(truths, estimates, draws, coverage)
         logger.info("Interval scales per type: %s.", np.round(self.interval_scale_, 3))
         return self.interval_scale_
 
-    def signature_draws(self, n_draws: int, seed: int = 0) -> np.ndarray:
+    def signature_draws(self, n_draws: int, seed: int | None = None) -> np.ndarray:
         """Multiplicative perturbations of S under the VAE posterior (draws × genes × types):
         ``S * ratio`` (columns rescaled to CPM) is one plausible signature. What the
         intervals of :meth:`get_proportions` re-fit the proportions under.
@@ -189,14 +191,15 @@ class CalibrationMixin:
         n_draws
             Number of draws.
         seed
-            Seed of the posterior samples and the bootstrap of cells.
+            Seed of the posterior samples and the bootstrap of cells; defaults to
+            ``scvi.settings.seed``.
 
         Returns
         -------
         Array (draws × genes × cell types) of positive ratios, 1 on average over the draws
         (exactly 1 for genes the VAE does not model).
         """
-        return self._signature_ratios(n_draws, np.random.default_rng(seed))
+        return self._signature_ratios(n_draws, default_rng(seed))
 
     @torch.no_grad()
     def _signature_ratios(self, n_draws: int, rng: np.random.Generator) -> np.ndarray:

@@ -25,8 +25,8 @@ from hpvade._constants import (
 )
 from hpvade._logging import interactive_output
 from hpvade.core import (
-    DEFAULT_REFINE_STEPS,
-    DRAW_REFINE_STEPS,
+    DEFAULT_ROUNDS,
+    DRAW_ROUNDS,
     ProportionEstimator,
     ProportionFit,
     bulk_reconstruction_error,
@@ -77,7 +77,7 @@ def _from_refine_steps(refine_steps: int) -> tuple[str, int]:
         stacklevel=settings.warnings_stacklevel + 2,
     )
     if refine_steps <= 0:
-        return "network", DEFAULT_REFINE_STEPS
+        return "network", DEFAULT_ROUNDS
     return "fit", int(refine_steps)
 
 
@@ -85,6 +85,7 @@ class DeconvolutionMixin:
     """``get_proportions``, ``get_signature`` and what they write on the bulk AnnData."""
 
     @renamed_keywords(n_samples="n_draws")
+    @renamed_keywords("0.3", "0.4", state_aware="use_states")
     def get_proportions(
         self,
         bulk: AnnData,
@@ -92,10 +93,10 @@ class DeconvolutionMixin:
         key_added: str = PROPORTIONS_KEY,
         batch_size: int | None = None,
         method: Literal["fit", "network"] = "fit",
-        n_rounds: int = DEFAULT_REFINE_STEPS,
+        n_rounds: int = DEFAULT_ROUNDS,
         kind: Literal["cell", "rna"] = "cell",
         n_draws: int = 0,
-        state_aware: bool = False,
+        use_states: bool = False,
         refine_steps: int | None = None,
     ) -> pd.DataFrame:
         """Estimate cell-type proportions of bulk samples, optionally with 90 % intervals.
@@ -150,7 +151,7 @@ class DeconvolutionMixin:
             draws after ``train`` or ``adapt``, once) it gives the 90 % interval
             ``obsm[key_added + "_lower"]`` / ``obsm[key_added + "_upper"]`` around the
             estimate. 20 draws are a good default.
-        state_aware
+        use_states
             Fit the bulk with every cell state (:meth:`cell_states`) as a column of S and sum
             each type's states. Off by default: it did not improve the proportions on real
             bulk (see the docs page "The model and its losses").
@@ -197,14 +198,14 @@ class DeconvolutionMixin:
         if bulk.isbacked:
             options = {"layer": layer, "key_added": key_added, "batch_size": batch_size,
                        "method": method, "n_rounds": n_rounds, "kind": kind,
-                       "n_draws": n_draws, "state_aware": state_aware}  # fmt: skip
+                       "n_draws": n_draws, "use_states": use_states}  # fmt: skip
             return self._proportions_by_chunk(bulk, options)
         cpm, found, report = self._bulk_cpm(bulk, layer, allow_missing=True)
         bulk.uns[keys["gene_report"]] = report
         estimator = self.estimator()  # the network's output starts its fit
         initial = self.module.predict_proportions(cpm, batch_size or DEFAULT_BATCH_SIZE)
         fit = estimator.fit(cpm, initial, rounds, found)
-        if state_aware:
+        if use_states:
             fit = self._state_aware_fit(cpm, fit, found)
         mixture = fit.proportions
         unknown_rna = estimator.unknown_share(cpm, fit, found)
@@ -217,7 +218,7 @@ class DeconvolutionMixin:
             "estimator": estimator.name if rounds > 0 else "network",
             "adapted": self.gene_weights_ is not None,
             "n_rounds": int(rounds),
-            "state_aware": bool(state_aware),
+            "use_states": bool(use_states),
         }
         scores = sample_scores(bulk_reconstruction_error, cpm, mixture, estimator.signature)
         bulk.obs[keys["fit_score"]] = scores
@@ -274,7 +275,7 @@ class DeconvolutionMixin:
         served = self.estimator()
         expanded = ProportionEstimator(
             states.profiles, served.fit_genes, device=served.device
-        ).fit(cpm, start, DEFAULT_REFINE_STEPS, found)
+        ).fit(cpm, start, DEFAULT_ROUNDS, found)
         by_type = indicator_matrix(states.cell_type, len(self.cell_types))  # types × states
         proportions = (by_type @ expanded.proportions.T).T
         return ProportionFit(proportions, expanded.explained, expanded.set_aside)
@@ -327,7 +328,7 @@ class DeconvolutionMixin:
             ratios = self.signature_ratios_[:n_draws].astype(float)  # drawn at calibration
         else:
             ratios = self.signature_draws(n_draws, seed=settings.seed or 0)
-        n_rounds = min(max(n_rounds, 1), DRAW_REFINE_STEPS)
+        n_rounds = min(max(n_rounds, 1), DRAW_ROUNDS)
         draws = self.estimator().draws(cpm, mixture, ratios, n_rounds, found)
         draws = np.stack([self._convert_kind(d, kind)[0] for d in draws])
         estimate = self._convert_kind(mixture, kind)[0]

@@ -7,7 +7,7 @@ from hpvade.module._hpvade import HPVADEModule
 
 __all__ = ["LOSS_TERMS", "HPVADEModule"]
 
-#: Names that moved to the estimation core (``hpvade.core``); importable from here until 0.3.
+#: Names that moved to the estimation core (``hpvade.core``); importable from here until 0.4.
 _MOVED = ("anscombe", "bulk_reconstruction_error", "sample_scores", "unexplained_expression")
 
 
@@ -17,7 +17,7 @@ def __getattr__(name: str):
 
         warnings.warn(
             f"`hpvade.module.{name}` moved to `hpvade.core.{name}`; the old place stops "
-            "working in 0.3.",
+            "working in 0.4.",
             FutureWarning,
             stacklevel=2,
         )
