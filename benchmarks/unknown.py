@@ -6,15 +6,22 @@ unexplained-sample flag against truth.
    without that type; 300 bulks of the other half, each a Dirichlet(1) mix of the remaining
    types' cells (500 cells) with the left-out type's cells (500 cells) mixed in at a cell share
    u ~ U(0, 0.9). Also 300 bulks of all types against the complete reference (u = 0).
-   Scored: MAE, Spearman and slope of ``obs["hpvade_unknown_fraction"]`` (``kind="cell"``)
+   Scored: MAE, Spearman and slope of ``obs["hpvade_unknown_lower_bound"]`` (a share of RNA)
    against u, the share of samples flagged (``obs["hpvade_unexplained"]``) and whether
-   ``get_proportions`` warned.
+   ``get_proportions`` warned. Also, for each left-out type: the map from that score to u
+   fitted on 10 measured bulks (``get_proportions(unknown_share=...)`` with u for the first
+   10 bulks, NaN for the rest): its leave-one-out MAE, the cohort mean's, and the MAE of the
+   shares it serves for the other 290; and the type added back (the complete reference's
+   model, the same seed): the MAE and Spearman of its estimated cell share of that type.
    Beside it, one alternative that is not served: a cohort fit with an explicit unknown
    component (``cohort_unknown``: one extra non-negative profile, learned from the cohort by
    alternating least squares with S fixed).
 2. Real bulk (``data/real``; Hao reference, defaults): the unknown fraction of each Racle node
    (truth: cancer + other cells) and Finotello donor (truth: neutrophils + other), and of the
-   Hoek PBMCs (flow cytometry of 5 types summing to 1: truth 0), with the cohort fit beside it.
+   Hoek PBMCs (flow cytometry of 5 types summing to 1: truth 0), with the cohort fit beside it;
+   and the Racle nodes given their true share (``unknown_share``): r and RMSE of the whole-sample
+   fractions of the four measured types against flow cytometry, beside the fractions of the
+   known cells compared with the same flow figures.
 
 Run ``.venv/bin/python benchmarks/unknown.py --seeds 0,1,2``; writes ``results/unknown.md``.
 """
@@ -44,6 +51,8 @@ DATA = HERE / "data" / "real"
 N_BULKS = 300
 CELLS = 500
 MAX_SHARE = 0.9
+#: Bulks with a measured unknown share, for the map from the score.
+N_MEASURED = 10
 LEFT_OUT = {
     "pbmc68k": ["CD14+ Monocyte", "CD19+ B", "CD56+ NK", "Dendritic", "CD34+"],
     "Hao": ["Monocytes", "B cells", "NK cells", "mDC", "Platelet"],
@@ -130,7 +139,7 @@ def readings(model: hpvade.HPVADE, bulk: ad.AnnData) -> dict:
     cpm, found, _ = model._bulk_cpm(bulk.copy(), None, allow_missing=True)
     signature = model.get_signature().to_numpy()
     return {
-        "hpvade": served.obs["hpvade_unknown_fraction"].to_numpy(),
+        "hpvade": served.obs["hpvade_unknown_lower_bound"].to_numpy(),
         "cohort fit (not served)": cohort_unknown(cpm[:, found], signature[found]),
         "flagged": served.obs["hpvade_unexplained"].mean(),
         "warned": warned,
@@ -143,14 +152,19 @@ def scenario_rows(name: str, seeds: list[int]) -> list[dict]:
     rows = []
     for seed in seeds:
         ref, test = hpvade.datasets.split_by_type(cells, labels, fraction=0.5, seed=seed)
+        complete = None
         for left_out in [None, *LEFT_OUT[name]]:
             reference = ref
             if left_out is not None:
                 reference = ref[ref.obs[labels] != left_out].copy()
                 reference.obs[labels] = reference.obs[labels].cat.remove_unused_categories()
             model = train(reference.copy(), labels, seed)
+            if complete is None:  # the first model: the complete reference's
+                complete = model
             bulk, share = scenario_bulks(test, labels, left_out, seed + 100)
             read = readings(model, bulk)
+            if left_out is not None:
+                rows += mapped_and_added_back(model, complete, bulk, share, left_out, seed, name)
             for method in ("hpvade", "cohort fit (not served)"):
                 estimate = read[method]
                 rows.append(
@@ -165,7 +179,53 @@ def scenario_rows(name: str, seeds: list[int]) -> list[dict]:
     return rows
 
 
-def real_rows(seeds: list[int]) -> pd.DataFrame:
+def mapped_and_added_back(model, complete, bulk, share, left_out, seed, name) -> list[dict]:
+    """The score's map to u from 10 measured bulks, and the complete reference's estimate."""
+    measured = np.where(np.arange(len(share)) < N_MEASURED, share, np.nan)
+    served = bulk.copy()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        whole = model.get_proportions(served, unknown_share=measured)
+        added = complete.get_proportions(bulk.copy())[left_out].to_numpy()
+    fitted = served.uns["hpvade_unknown_map"]
+    rest = slice(N_MEASURED, None)
+    key = {"reference": name, "left out": left_out, "seed": seed}
+    return [
+        {**key, "method": f"map from {N_MEASURED} measured (LOO)", "MAE": fitted["loo_error"],
+         "served": fitted["served"]},
+        {**key, "method": f"cohort mean of {N_MEASURED} measured (LOO)",
+         "MAE": fitted["loo_error_mean"]},
+        {**key, "method": f"map from {N_MEASURED} measured, the other bulks",
+         "MAE": np.abs(whole["unknown"].to_numpy()[rest] - share[rest]).mean(),
+         "Spearman": spearmanr(whole["unknown"].to_numpy()[rest], share[rest])[0]},
+        {**key, "method": "type added back to the reference", "MAE": np.abs(added - share).mean(),
+         "Spearman": spearmanr(added, share)[0], "median": np.median(added)},
+    ]  # fmt: skip
+
+
+def racle_whole_sample(model, frame: pd.DataFrame, flow: pd.DataFrame, seed: int) -> list[dict]:
+    """Racle given its true unknown share: the measured types' fractions of the whole sample,
+    and the fractions of the known cells, each against the flow figures (of all cells)."""
+    import real
+
+    bulk = ad.AnnData(frame[model.adata.var_names].astype(np.float32))
+    share = (flow["Cancer_cells"] + flow["other_cells"]).to_numpy()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        known = model.get_proportions(bulk.copy())
+        whole = model.get_proportions(bulk.copy(), unknown_share=share)
+    true = flow[list(real.RACLE_TYPES)].to_numpy()
+    rows = []
+    for method, props in (("whole sample (true share given)", whole),
+                          ("known cells only", known)):  # fmt: skip
+        pred = np.column_stack([props[v].sum(axis=1) for v in real.RACLE_TYPES.values()])
+        rows.append({"method": method, "seed": seed,
+                     "r": np.corrcoef(pred.ravel(), true.ravel())[0, 1],
+                     "RMSE": np.sqrt(np.mean((pred - true) ** 2))})  # fmt: skip
+    return rows
+
+
+def real_rows(seeds: list[int]) -> tuple[pd.DataFrame, pd.DataFrame]:
     import real
 
     bulks = real.load_bulks(DATA)
@@ -181,9 +241,11 @@ def real_rows(seeds: list[int]) -> pd.DataFrame:
         "Finotello (4 donors)": lambda f: f["Neutrophils"] + f["Other"],
         real.RACLE: lambda f: f["Cancer_cells"] + f["other_cells"],
     }
-    rows = []
+    rows, racle = [], []
     for seed in seeds:
         model = train(ref.copy(), real.LABELS, seed)
+        frame = bulks[real.RACLE][0]
+        racle += racle_whole_sample(model, frame, facs[real.RACLE].loc[frame.index], seed)
         for name, (frame, _) in bulks.items():
             bulk = ad.AnnData(frame[ref.var_names].astype(np.float32))
             read = readings(model, bulk)
@@ -199,7 +261,7 @@ def real_rows(seeds: list[int]) -> pd.DataFrame:
                      "cohort fit (not served)": read["cohort fit (not served)"][i],
                      "flagged": read["flagged"], "warned": read["warned"]}
                 )  # fmt: skip
-    return pd.DataFrame(rows)
+    return pd.DataFrame(rows), pd.DataFrame(racle)
 
 
 def spread(values: pd.Series, signed: bool = False) -> str:
@@ -224,9 +286,17 @@ def main() -> None:
         rows += scenario_rows(name, seeds)
     table = pd.DataFrame(rows)
     groups = table.groupby(["reference", "left out", "method"], sort=False)
+    scored = table[~table["method"].str.contains("measured|added back")]
+    groups = scored.groupby(["reference", "left out", "method"], sort=False)
     summary = groups[["MAE", "Spearman", "slope", "median", "flagged"]].agg(spread)
     summary["warned (seeds)"] = groups["warned"].sum().astype(int)
-    real_table = real_rows(seeds)
+    known = table[table["method"].str.contains("measured|added back")]
+    served = known.groupby(["reference", "left out", "method"], sort=False)
+    better = served[["MAE", "Spearman", "median"]].agg(spread)
+    better["map served (seeds)"] = served["served"].sum().astype(int)
+    better.loc[~better.index.get_level_values(2).str.contains("LOO"), "map served (seeds)"] = ""
+    real_table, racle = real_rows(seeds)
+    racle_summary = racle.groupby("method", sort=False)[["r", "RMSE"]].agg(spread)
     real_summary = real_table.groupby(["data", "sample"], sort=False).agg(
         truth=("truth", "first"),
         hpvade=("hpvade", spread),
@@ -247,6 +317,25 @@ def main() -> None:
         '(`obs["hpvade_unexplained"]`); warned: seeds in which `get_proportions` warned.',
         "",
         summary.reset_index().to_markdown(index=False),
+        "",
+        "## What the user can bring: a few measured shares, or the missing type",
+        "",
+        f"The same bulks. The map from the score to u fitted on the first {N_MEASURED} bulks "
+        "with u given (`get_proportions(unknown_share=...)`): its leave-one-out MAE beside "
+        "the cohort mean's, whether it was served (seeds), and the MAE and Spearman of what "
+        f"it serves for the other {N_BULKS - N_MEASURED}. The type added back: the complete "
+        "reference's model (same seed) and its estimate of the type's cell share.",
+        "",
+        better.reset_index().to_markdown(index=False),
+        "",
+        "## Racle lymph nodes given their true unknown share",
+        "",
+        "The four measured types (B, CD4 T, CD8 T, NK cells) as fractions of all cells, "
+        "against flow cytometry (of all cells): from `get_proportions(unknown_share=...)` "
+        "with the measured cancer + other share, and the fractions of the known cells "
+        "(without it). r and RMSE over samples × types.",
+        "",
+        racle_summary.reset_index().to_markdown(index=False),
         "",
         "## Real bulk, Hao reference",
         "",

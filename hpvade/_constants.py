@@ -17,7 +17,11 @@ PSEUDOBULK_PROPORTIONS_KEY = "proportions"
 PSEUDOBULK_RNA_PROPORTIONS_KEY = "rna_proportions"
 UNEXPLAINED_KEY = "hpvade_unexplained"
 UNEXPLAINED_SCORE_KEY = "hpvade_unexplained_score"
-UNKNOWN_FRACTION_KEY = "hpvade_unknown_fraction"
+UNKNOWN_FRACTION_KEY = "hpvade_unknown_fraction"  # the lower bound's old name, until 0.4
+UNKNOWN_LOWER_BOUND_KEY = "hpvade_unknown_lower_bound"
+UNKNOWN_MAP_KEY = "hpvade_unknown_map"
+#: The column of the whole sample's fractions that holds the cells the reference lacks.
+UNKNOWN_COLUMN = "unknown"
 GENE_REPORT_KEY = "hpvade_gene_report"
 ESTIMATOR_KEY = "hpvade_estimator"
 

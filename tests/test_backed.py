@@ -69,7 +69,7 @@ def test_a_backed_bulk_is_deconvolved_chunk_by_chunk(trained, test_bulk, tmp_pat
     np.testing.assert_allclose(
         backed.obsm["hpvade_proportions_upper"], in_memory.obsm["hpvade_proportions_upper"]
     )
-    assert "hpvade_gene_report" in backed.uns and "hpvade_unknown_fraction" in backed.obs
+    assert "hpvade_gene_report" in backed.uns and "hpvade_unknown_lower_bound" in backed.obs
     assert backed.isbacked  # the user's data stays on disk
 
 

@@ -103,7 +103,7 @@ def test_bulk_lacking_genes_is_fitted_on_the_rest(trained, test_bulk):
     report = few.uns["hpvade_gene_report"]
     assert sorted(report["selected_missing"]) == sorted(selected[:3])
     assert len(report["used_genes"]) == len(selected) - 3
-    assert few.obs["hpvade_unknown_fraction"].between(0, 1).all()
+    assert few.obs["hpvade_unknown_lower_bound"].between(0, 1).all()
     # a fifth missing: still fitted, with a warning naming the count
     many = test_bulk[:, ~test_bulk.var_names.isin(selected[::5])].copy()
     n_missing = len(selected[::5])

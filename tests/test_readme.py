@@ -24,7 +24,7 @@ def test_the_readme_python_blocks_run_as_written():
             exec(compile(block, str(README), "exec"), namespace)
     bulk, props = namespace["bulk"], namespace["props"]
     np.testing.assert_allclose(props.sum(axis=1), 1.0, atol=1e-9)
-    for key in ("hpvade_fit_score", "hpvade_unexplained_score", "hpvade_unknown_fraction"):
+    for key in ("hpvade_fit_score", "hpvade_unexplained_score", "hpvade_unknown_lower_bound"):
         assert key in bulk.obs, key
     assert {"hpvade_gene_report", "hpvade_estimator"} <= set(bulk.uns)
     assert "hpvade_proportions" in bulk.obsm

@@ -150,6 +150,7 @@ def test_public_calls_change_only_documented_keys(pbmc_split, trained, test_bulk
         "hpvade_unexplained_score",
         "hpvade_unexplained",
         "hpvade_unknown_fraction",
+        "hpvade_unknown_lower_bound",
     }
     assert set(bulk.obs.columns) - set(snapshot.obs.columns) == written
     assert set(bulk.uns) - set(snapshot.uns) == {"hpvade_gene_report", "hpvade_estimator"}

@@ -46,6 +46,12 @@ from hpvade.core._states import (
     cohort_type_factors,
     state_profiles,
 )
+from hpvade.core._unknown import (
+    UnknownShareMap,
+    fit_unknown_share_map,
+    unknown_cell_shares,
+    whole_sample_fractions,
+)
 
 __all__ = [
     "ADAPT_OPTIONS",
@@ -71,4 +77,8 @@ __all__ = [
     "state_profiles",
     "unexplained_expression",
     "weighted_nnls",
+    "UnknownShareMap",
+    "fit_unknown_share_map",
+    "unknown_cell_shares",
+    "whole_sample_fractions",
 ]

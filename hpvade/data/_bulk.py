@@ -220,3 +220,39 @@ def bulk_to_cpm(
             + gene_mismatch_hint(bulk, genes)
         )
     return cpm_rows(values, inplace=True)
+
+
+def measured_unknown_share(bulk: AnnData, share, cell_types, column: str) -> np.ndarray:
+    """The user's share of each sample's cells that the reference lacks, as an array
+    aligned with ``bulk.obs_names`` (NaN: not measured)."""
+    if isinstance(share, str):
+        if share not in bulk.obs:
+            raise KeyError(f"`unknown_share={share!r}` is not a column of `bulk.obs`.")
+        share = bulk.obs[share]
+    if isinstance(share, pd.Series):
+        missing = bulk.obs_names.difference(share.index)
+        if len(missing):
+            raise ValueError(
+                f"`unknown_share` has no value for {len(missing)} samples (e.g. "
+                f"{list(missing[:3])}); index it by `bulk.obs_names`, NaN where not measured."
+            )
+        share = share.reindex(bulk.obs_names)
+    values = np.asarray(share, dtype=float).ravel()
+    if values.size != bulk.n_obs:
+        raise ValueError(
+            f"`unknown_share` has {values.size} values for {bulk.n_obs} samples: pass one "
+            "a sample (NaN where not measured), a Series indexed by `bulk.obs_names` or "
+            "the name of a `bulk.obs` column."
+        )
+    if ((values < 0) | (values > 1)).any():
+        raise ValueError(
+            "`unknown_share` is the share of each sample's cells that the reference lacks: "
+            "between 0 and 1 (tumour cells at a purity of 70 percent: 0.7), NaN where not "
+            "measured."
+        )
+    if column in cell_types:
+        raise ValueError(
+            f"A cell type of the reference is named {column!r}, the column "
+            "`unknown_share` adds: rename it in the reference's labels."
+        )
+    return values

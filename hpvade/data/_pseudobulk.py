@@ -113,6 +113,17 @@ def with_unknown_content(
     return np.divide(unknown_cells, total, out=np.zeros_like(total), where=total > 0)
 
 
+def fractions_of_kind(
+    mixture: np.ndarray, kind: str, content: np.ndarray | None, unknown_rna: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """Mixture (RNA) fractions as fractions of ``kind`` (cells where the RNA ``content`` is
+    known), and the unknown share of each sample in the same units, from its RNA share."""
+    unknown = np.clip(unknown_rna, 0.0, 1.0)
+    if kind == "rna" or content is None:
+        return mixture, unknown
+    return rna_to_cell_fractions(mixture, content), with_unknown_content(mixture, unknown, content)
+
+
 def mix_cells(
     adata: AnnData,
     counts: sp.csr_matrix,

@@ -21,7 +21,10 @@ from hpvade._constants import (
     PROPORTIONS_KEY,
     UNEXPLAINED_KEY,
     UNEXPLAINED_SCORE_KEY,
+    UNKNOWN_COLUMN,
     UNKNOWN_FRACTION_KEY,
+    UNKNOWN_LOWER_BOUND_KEY,
+    UNKNOWN_MAP_KEY,
 )
 from hpvade._logging import interactive_output
 from hpvade.core import (
@@ -33,10 +36,12 @@ from hpvade.core import (
     interval,
     sample_scores,
     unexplained_expression,
+    unknown_cell_shares,
+    whole_sample_fractions,
 )
-from hpvade.data._bulk import as_bulk_anndata
+from hpvade.data._bulk import as_bulk_anndata, measured_unknown_share
 from hpvade.data._labels import indicator_matrix
-from hpvade.data._pseudobulk import rna_to_cell_fractions, with_unknown_content
+from hpvade.data._pseudobulk import fractions_of_kind
 
 logger = logging.getLogger(__name__)
 
@@ -59,6 +64,8 @@ def result_keys(key_added: str) -> dict[str, str]:
     prefix = key_added.removesuffix("_proportions")
     keys = {
         "unknown_fraction": UNKNOWN_FRACTION_KEY,
+        "unknown_lower_bound": UNKNOWN_LOWER_BOUND_KEY,
+        "unknown_map": UNKNOWN_MAP_KEY,
         "fit_score": FIT_SCORE_KEY,
         "unexplained_score": UNEXPLAINED_SCORE_KEY,
         "unexplained": UNEXPLAINED_KEY,
@@ -68,23 +75,9 @@ def result_keys(key_added: str) -> dict[str, str]:
     return {name: prefix + key.removeprefix("hpvade") for name, key in keys.items()}
 
 
-def _from_refine_steps(refine_steps: int) -> tuple[str, int]:
-    """``(method, n_rounds)`` for the deprecated ``refine_steps``, with a FutureWarning."""
-    warnings.warn(
-        "`refine_steps` was replaced by `method` and `n_rounds` in hpvade 0.2: refine_steps=0 is "
-        'method="network", a positive value is n_rounds; the old keyword stops working in 0.3.',
-        FutureWarning,
-        stacklevel=settings.warnings_stacklevel + 2,
-    )
-    if refine_steps <= 0:
-        return "network", DEFAULT_ROUNDS
-    return "fit", int(refine_steps)
-
-
 class DeconvolutionMixin:
     """``get_proportions``, ``get_signature`` and what they write on the bulk AnnData."""
 
-    @renamed_keywords(n_samples="n_draws")
     @renamed_keywords("0.3", "0.4", state_aware="use_states")
     def get_proportions(
         self,
@@ -97,7 +90,8 @@ class DeconvolutionMixin:
         kind: Literal["cell", "rna"] = "cell",
         n_draws: int = 0,
         use_states: bool = False,
-        refine_steps: int | None = None,
+        unknown_share: np.ndarray | pd.Series | str | None = None,
+        unknown_content: float = 1.0,
     ) -> pd.DataFrame:
         """Estimate cell-type proportions of bulk samples, optionally with 90 % intervals.
 
@@ -131,9 +125,6 @@ class DeconvolutionMixin:
             ``"network"``: the deconvolution network's output as is.
         n_rounds
             Re-weighting rounds of the robust fit (the adapted fit is exact and ignores it).
-        refine_steps
-            Deprecated (removed in 0.3): 0 is ``method="network"``, a positive value
-            ``n_rounds``.
         kind
             ``"cell"`` (default): fractions of cells. ``"rna"``: fractions of the sample's RNA.
             A bulk mixes RNA, so the model estimates RNA fractions; with a registered count
@@ -151,6 +142,23 @@ class DeconvolutionMixin:
             draws after ``train`` or ``adapt``, once) it gives the 90 % interval
             ``obsm[key_added + "_lower"]`` / ``obsm[key_added + "_upper"]`` around the
             estimate. 20 draws are a good default.
+        unknown_share
+            The share of each sample's cells that the reference lacks, where you know it
+            (tumour purity from histology, neutrophils from a blood count): an array (one
+            value a sample), a Series indexed by ``bulk.obs_names`` or the name of a
+            ``bulk.obs`` column; NaN where not measured. The result is then fractions of the
+            whole sample, with an ``"unknown"`` column. Cell fractions are exact (the known
+            types' fractions times ``1 - share``); RNA fractions need the unknown cells' RNA
+            content (``unknown_content``). Unmeasured samples are read from
+            ``obs["hpvade_unknown_lower_bound"]`` by a line fitted on the measured ones (at
+            least 5), kept in ``uns["hpvade_unknown_map"]`` with its leave-one-out error and
+            the cohort mean's; where the line does no better than the cohort mean, they get
+            NaN rows and a warning. The reference alone cannot tell this share
+            (docs page "Real bulk data").
+        unknown_content
+            RNA per unknown cell, relative to the mean of the reference types' contents
+            (``kind="rna"`` with ``unknown_share`` only). Tumour cells often hold more
+            (2 doubles the unknown RNA share a given cell share implies).
         use_states
             Fit the bulk with every cell state (:meth:`cell_states`) as a column of S and sum
             each type's states. Off by default: it did not improve the proportions on real
@@ -164,14 +172,15 @@ class DeconvolutionMixin:
         -----
         Also written to ``bulk`` (keys for the default ``key_added``):
 
-        - ``obs["hpvade_unknown_fraction"]``: the share of the sample (cells for
-          ``kind="cell"``, RNA for ``"rna"``) that the reference's types do not explain,
-          e.g. neutrophils in PBMC bulk against a PBMC reference: the expression in genes
-          the fit falls far short of in at least half of the samples deconvolved together
-          and that rise and fall together (docs page "Real bulk data"; cells
-          of unknown type counted with the reference's mean RNA content). A lower bound that
-          ranks the samples of one call; deconvolve a cohort in one call. The proportions
-          are fractions of the known cells.
+        - ``obs["hpvade_unknown_lower_bound"]``: content the reference's types do not
+          explain (e.g. neutrophils in PBMC bulk against a PBMC reference), as a share of
+          the sample's RNA: the expression in genes the fit falls far short of in at least
+          half of the samples deconvolved together and that rise and fall together. It ranks
+          the samples of one call (deconvolve a cohort in one call) and is a lower bound:
+          the missing cells also express genes the known types explain, so it reads far
+          below their share. Not a fraction to report: pass ``unknown_share`` for that.
+          ``obs["hpvade_unknown_fraction"]``, its old name (in the units of ``kind``), is
+          written until 0.4.
         - ``obs["hpvade_fit_score"]``: mean over genes of the squared difference between
           ``anscombe(p @ S.T)`` and ``anscombe(bulk)`` (0 = perfectly explained).
         - ``obs["hpvade_unexplained_score"]``: the same with only the expression that
@@ -188,8 +197,6 @@ class DeconvolutionMixin:
         """
         if kind not in ("cell", "rna"):
             raise ValueError(f'`kind` must be "cell" or "rna", got {kind!r}.')
-        if refine_steps is not None:
-            method, n_rounds = _from_refine_steps(refine_steps)
         if method not in ("fit", "network"):
             raise ValueError(f'`method` must be "fit" or "network", got {method!r}.')
         rounds = n_rounds if method == "fit" else 0
@@ -199,7 +206,15 @@ class DeconvolutionMixin:
             options = {"layer": layer, "key_added": key_added, "batch_size": batch_size,
                        "method": method, "n_rounds": n_rounds, "kind": kind,
                        "n_draws": n_draws, "use_states": use_states}  # fmt: skip
+            if unknown_share is not None:
+                raise ValueError(
+                    "`unknown_share` needs the bulk in memory (the map from the score to the "
+                    "share is fitted on the whole cohort): load it with `bulk.to_memory()`."
+                )
             return self._proportions_by_chunk(bulk, options)
+        measured = None
+        if unknown_share is not None:
+            measured = measured_unknown_share(bulk, unknown_share, self.cell_types, UNKNOWN_COLUMN)
         cpm, found, report = self._bulk_cpm(bulk, layer, allow_missing=True)
         bulk.uns[keys["gene_report"]] = report
         estimator = self.estimator()  # the network's output starts its fit
@@ -209,11 +224,16 @@ class DeconvolutionMixin:
             fit = self._state_aware_fit(cpm, fit, found)
         mixture = fit.proportions
         unknown_rna = estimator.unknown_share(cpm, fit, found)
-        proportions, unknown = self._convert_kind(mixture, kind, unknown_rna)
+        proportions, unknown = fractions_of_kind(mixture, kind, self.rna_content_, unknown_rna)
         self._report_set_aside(report, fit.set_aside, found)
         result = pd.DataFrame(proportions, index=bulk.obs_names.copy(), columns=self.cell_types)
-        bulk.obsm[key_added] = result
+        bulk.obs[keys["unknown_lower_bound"]] = np.clip(unknown_rna, 0.0, 1.0)
         bulk.obs[keys["unknown_fraction"]] = unknown
+        if measured is not None:
+            result = self._whole_sample(
+                bulk, result, unknown_rna, measured, unknown_content, kind, keys
+            )
+        bulk.obsm[key_added] = result
         bulk.uns[keys["estimator"]] = {
             "estimator": estimator.name if rounds > 0 else "network",
             "adapted": self.gene_weights_ is not None,
@@ -225,6 +245,12 @@ class DeconvolutionMixin:
         self._flag_unexplained(bulk, cpm, mixture, estimator.signature, keys)
         if n_draws > 0:
             self._write_intervals(bulk, cpm, mixture, kind, key_added, n_draws, rounds, found)
+            if measured is not None:  # the known types' intervals, as fractions of the whole
+                known = result.loc[:, self.cell_types].sum(axis=1).to_numpy()
+                for end in ("std", "lower", "upper"):
+                    bulk.obsm[f"{key_added}_{end}"] = bulk.obsm[f"{key_added}_{end}"].mul(
+                        known, axis=0
+                    )
         logger.info("Deconvolved %d samples (%s fractions).", bulk.n_obs, kind)
         return result
 
@@ -280,19 +306,14 @@ class DeconvolutionMixin:
         proportions = (by_type @ expanded.proportions.T).T
         return ProportionFit(proportions, expanded.explained, expanded.set_aside)
 
-    def _convert_kind(
-        self, mixture: np.ndarray, kind: str, unknown_rna: np.ndarray | None = None
-    ) -> tuple[np.ndarray, np.ndarray]:
-        """Mixture (RNA) fractions to cell fractions where RNA content is known, and the
-        unknown share of each sample (of RNA or of cells) from its RNA share."""
-        if unknown_rna is None:
-            unknown_rna = np.zeros(mixture.shape[0])
-        unknown = np.clip(unknown_rna, 0.0, 1.0)
-        if kind == "rna" or self.rna_content_ is None:
-            return mixture, unknown
-        return rna_to_cell_fractions(mixture, self.rna_content_), with_unknown_content(
-            mixture, unknown, self.rna_content_
-        )
+    def _whole_sample(self, bulk, known, score, measured, content, kind, keys) -> pd.DataFrame:
+        """Fractions of the whole sample, with the ``"unknown"`` column (see
+        :func:`hpvade.core.unknown_cell_shares` for the unmeasured samples)."""
+        share, fitted = unknown_cell_shares(score, measured)
+        if fitted is not None:
+            bulk.uns[keys["unknown_map"]] = fitted.as_dict()
+        values = whole_sample_fractions(known.to_numpy(), share, kind, self.rna_content_, content)
+        return pd.DataFrame(values, index=known.index, columns=[*self.cell_types, UNKNOWN_COLUMN])
 
     def _flag_unexplained(self, bulk: AnnData, cpm, mixture, signature, keys: dict) -> None:
         score = sample_scores(unexplained_expression, cpm, mixture, signature)
@@ -330,8 +351,9 @@ class DeconvolutionMixin:
             ratios = self.signature_draws(n_draws, seed=settings.seed or 0)
         n_rounds = min(max(n_rounds, 1), DRAW_ROUNDS)
         draws = self.estimator().draws(cpm, mixture, ratios, n_rounds, found)
-        draws = np.stack([self._convert_kind(d, kind)[0] for d in draws])
-        estimate = self._convert_kind(mixture, kind)[0]
+        none = np.zeros(len(mixture))
+        draws = np.stack([fractions_of_kind(d, kind, self.rna_content_, none)[0] for d in draws])
+        estimate = fractions_of_kind(mixture, kind, self.rna_content_, none)[0]
         lower, upper = interval(estimate, draws, self.interval_scale_)
         index, columns = bulk.obs_names.copy(), self.cell_types
         bulk.obsm[f"{key_added}_std"] = pd.DataFrame(draws.std(axis=0), index, columns)
