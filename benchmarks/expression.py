@@ -49,7 +49,7 @@ import scvi
 from provenance import stamp
 
 import hpvade
-from hpvade.core._states import allocate
+from hpvade.core import allocate
 
 HERE = Path(__file__).resolve().parent
 MIN_CELLS_SCORED = 10

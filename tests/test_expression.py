@@ -159,7 +159,7 @@ def test_a_cohort_sets_its_donors_type_profiles():
 
 
 def test_cohort_factors_fit_across_samples_and_keep_a_single_sample_near_the_profiles():
-    from hpvade.core._states import cohort_type_factors
+    from hpvade.core import cohort_type_factors
 
     rng = np.random.default_rng(0)
     n_samples, n_genes, n_types = 300, 50, 4
@@ -173,6 +173,7 @@ def test_cohort_factors_fit_across_samples_and_keep_a_single_sample_near_the_pro
     np.testing.assert_allclose(exact, factors, rtol=1e-6)  # type 3's gene 0: the prior's 1
     pulled = cohort_type_factors(bulk, proportions, profiles)  # 10 samples' prior of 300
     assert np.abs(np.log(pulled / factors)).max() < 0.2
+
     assert np.abs(np.log(pulled / factors)).max() > 1e-3  # towards 1, a little
     # one sample: the prior outweighs it; no gene or type moves far
     single = cohort_type_factors(bulk[:1], proportions[:1], [p[:1] for p in profiles])
@@ -220,8 +221,8 @@ def test_a_single_sample_gets_allocation_with_a_warning_naming_the_types():
 
 
 def test_evidence_weights_follow_the_split_half_agreement():
-    from hpvade.core._state_evidence import evidence_weighted_profiles
-    from hpvade.core._states import CellStates
+    from hpvade.core import CellStates, evidence_weighted_profiles
+    from hpvade.core._allocation import dense_profile
 
     # type 0's states differ on genes 0-39 and its samples' mixes vary; type 1's states are
     # identical but for noise on a few genes, and its samples all hold the reference's mix
@@ -245,7 +246,7 @@ def test_evidence_weights_follow_the_split_half_agreement():
     profiles, evidence = evidence_weighted_profiles(bulk, proportions, cells, signature)
     assert evidence.weight[0] > 0.9 and evidence.split_half_r[0] > 0.8, evidence
     assert evidence.weight[1] < 0.3, evidence
-    moved = np.log(profiles[0][:, :40] / signature[:40, 0])
+    moved = np.log(dense_profile(profiles[0], n_samples)[:, :40] / signature[:40, 0])
     assert np.corrcoef(moved.mean(axis=1), u)[0, 1] > 0.9
     # a single sample: no evidence, the reference profiles
     single, none = evidence_weighted_profiles(bulk[:1], proportions[:1], cells, signature)
@@ -306,7 +307,7 @@ def test_cell_states_need_the_vae(pbmc_split, test_bulk):
 
 
 def test_a_type_without_evidence_gets_allocation_whatever_the_others_states_claim():
-    from hpvade.core import allocate, evidence_weighted_split
+    from hpvade.core import allocate, split_bulk
 
     rng = np.random.default_rng(0)
     signature = rng.gamma(2.0, 50.0, size=(30, 3))
@@ -316,7 +317,7 @@ def test_a_type_without_evidence_gets_allocation_whatever_the_others_states_clai
     profiles = [signature[:, 0] * np.where(np.arange(30) < 10, 5.0, 1.0)[None].repeat(8, 0)]
     profiles += [signature[:, 1], signature[:, 2]]
     weight = np.array([1.0, 0.0, 0.5])
-    split = evidence_weighted_split(bulk, mixture, profiles, signature, weight, [0, 1, 2])
+    split = split_bulk(bulk, mixture, profiles, signature, weight, [0, 1, 2])
     states = allocate(bulk, mixture, profiles, [0, 1, 2])
     plain = allocate(bulk, mixture, list(signature.T), [0, 1, 2])
     np.testing.assert_allclose(split[0], states[0])
@@ -324,3 +325,36 @@ def test_a_type_without_evidence_gets_allocation_whatever_the_others_states_clai
     assert np.abs(states[1] - plain[1]).max() > 1e3
     np.testing.assert_allclose(split[2], 0.5 * states[2] + 0.5 * plain[2])
     np.testing.assert_allclose(split[2].sum(axis=1), 1e6)
+
+
+def test_profiles_as_state_mixes_give_what_their_dense_arrays_give():
+    from hpvade.core import StateMix, allocate, cohort_type_factors, scale_profiles, split_bulk
+    from hpvade.core._allocation import dense_profile
+
+    rng = np.random.default_rng(3)
+    n_samples, n_genes = 40, 300
+    signature = rng.gamma(1.0, 100.0, size=(n_genes, 3))
+    mixes = [
+        StateMix(rng.dirichlet(np.ones(2), n_samples), rng.gamma(1.0, 100.0, (2, n_genes))),
+        signature[:, 1],  # a type whose states get no weight: its column of S
+        StateMix(rng.dirichlet(np.ones(3), n_samples), rng.gamma(1.0, 100.0, (3, n_genes))),
+    ]
+    dense = [np.array(dense_profile(p, n_samples)) for p in mixes]
+    proportions = rng.dirichlet(np.ones(3), n_samples)
+    bulk = rng.gamma(2.0, 50.0, size=(n_samples, n_genes))
+    fast, slow = (cohort_type_factors(bulk, proportions, p) for p in (mixes, dense))
+    np.testing.assert_allclose(fast, slow, rtol=1e-9)
+    mixes, dense = scale_profiles(mixes, fast), scale_profiles(dense, fast)
+    weight = np.array([0.7, 0.0, 1.0])
+    for a, b in (
+        (
+            allocate(bulk, proportions, mixes, [0, 1, 2]),
+            allocate(bulk, proportions, dense, [0, 1, 2]),
+        ),
+        (
+            split_bulk(bulk, proportions, mixes, signature, weight, [2, 0, 1]),
+            split_bulk(bulk, proportions, dense, signature, weight, [2, 0, 1]),
+        ),
+    ):
+        for k in a:
+            np.testing.assert_allclose(a[k], b[k], rtol=1e-9)

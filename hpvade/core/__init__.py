@@ -15,9 +15,18 @@ from bulk samples and the signature S, as numpy / numba / torch functions that n
 - ``_unknown``: the share of a sample the reference's types cannot explain;
 - ``_intervals``: interval maths and the split-conformal scale;
 - ``_states`` / ``_state_evidence``: cell states, each sample's state weights, how far the
-  cohort's evidence lets each type follow them, allocation of the bulk among the types.
+  cohort's evidence lets each type follow them;
+- ``_allocation``: each gene's bulk split among the types (per-sample profiles, cohort
+  factors).
 """
 
+from hpvade.core._allocation import (
+    StateMix,
+    allocate,
+    cohort_type_factors,
+    scale_profiles,
+    split_bulk,
+)
 from hpvade.core._estimator import ProportionEstimator
 from hpvade.core._intervals import conformal_scale, interval
 from hpvade.core._nnls import rows_sum_to_one, weighted_nnls
@@ -34,18 +43,8 @@ from hpvade.core._solvers import (
     ProportionFit,
     proportion_fit,
 )
-from hpvade.core._state_evidence import (
-    StateEvidence,
-    evidence_weighted_profiles,
-    evidence_weighted_split,
-)
-from hpvade.core._states import (
-    CellStates,
-    allocate,
-    cluster_states,
-    cohort_type_factors,
-    state_profiles,
-)
+from hpvade.core._state_evidence import StateEvidence, evidence_weighted_profiles
+from hpvade.core._states import CellStates, cluster_states, state_profiles
 from hpvade.core._unknown import (
     UnknownShareMap,
     fit_unknown_share_map,
@@ -69,7 +68,9 @@ __all__ = [
     "cohort_type_factors",
     "conformal_scale",
     "evidence_weighted_profiles",
-    "evidence_weighted_split",
+    "split_bulk",
+    "scale_profiles",
+    "StateMix",
     "proportion_fit",
     "interval",
     "rows_sum_to_one",

@@ -18,7 +18,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from hpvade.core._states import CellStates, allocate, fit_state_weights
+from hpvade.core._allocation import StateMix
+from hpvade.core._states import CellStates, fit_state_weights
 
 #: Most genes the state weights are fitted on: those whose profiles differ most between the
 #: states of a type (the rest cannot tell the states apart, and only cost time).
@@ -92,8 +93,8 @@ def evidence_weighted_profiles(
     signature: np.ndarray,
     force: bool = False,
     seed: int = 0,
-) -> tuple[list[np.ndarray], StateEvidence]:
-    """Each type's profile in each sample (samples × genes), its states followed as far as
+) -> tuple[list[np.ndarray | StateMix], StateEvidence]:
+    """Each type's profile in each sample, its states followed as far as
     the cohort supports, and the evidence per type.
 
     A type's profile in sample i is its reference profile (the column of ``signature``)
@@ -103,6 +104,9 @@ def evidence_weighted_profiles(
     shrunk towards ``f`` by the type's :class:`StateEvidence` weight (an empirical-Bayes
     shrinkage whose strength is the reliability of the fitted weights, estimated from the
     cohort). With weight 0 the profile is the reference profile (allocation).
+
+    Each profile is the type's column of S where its weight is 0, else a
+    :class:`~hpvade.core._allocation.StateMix` (``weights @ basis``: samples × genes).
 
     Parameters
     ----------
@@ -134,7 +138,6 @@ def evidence_weighted_profiles(
     weight = np.zeros(n_types)
     shift = np.zeros(n_types)
     profiles = []
-    scratch = None
     for k in range(n_types):
         members = np.flatnonzero(states.cell_type == k)
         present = proportions[:, k] > 0
@@ -155,58 +158,22 @@ def evidence_weighted_profiles(
         frequencies = states.frequencies[members] / states.frequencies[members].sum()
         mixed = states.profiles[:, members] @ frequencies
         shrunk = frequencies + weight[k] * (fitted[:, members] - frequencies)
-        fold = shrunk @ states.profiles[:, members].T
-        np.divide(fold, mixed, out=fold, where=mixed > 0)
-        fold[:, mixed <= 0] = 1.0
-        fold *= reference  # the profile, in place
-        profiles.append(fold)
+        # the profile (w̃_i P) / (f P) ⊙ S_k as a mix of the states' rows of that fold
+        # (rows sum to 1 within a type, so genes no state expresses keep S_k)
+        fold = np.divide(reference, mixed, out=np.zeros_like(mixed), where=mixed > 0)
+        basis = states.profiles[:, members].T * fold
+        basis[:, mixed <= 0] = reference[mixed <= 0]
+        profiles.append(StateMix(shrunk, basis))
         if present.any():
-            if scratch is None:
-                scratch = np.empty_like(fold)
-            shift[k] = _profile_shift(fold, reference, present, scratch)
+            shift[k] = _profile_shift(shrunk[present] @ basis, reference)
     return profiles, StateEvidence(n_states, split_half_r, weight, shift)
 
 
-def _profile_shift(profiles, reference, rows, scratch) -> float:
-    """Mean over the ``rows`` of ``profiles`` of the share of their total that differs from
-    the ``reference`` profile, both as shares of their sums (half the L1 distance);
-    ``scratch``: an array of the shape of ``profiles`` to work in."""
+def _profile_shift(profiles: np.ndarray, reference: np.ndarray) -> float:
+    """Mean over the rows of ``profiles`` of the share of their total that differs from the
+    ``reference`` profile, both as shares of their sums (half the L1 distance)."""
     sums = profiles.sum(axis=1, keepdims=True)
-    np.divide(profiles, np.where(sums > 0, sums, 1.0), out=scratch)
-    scratch -= reference / max(reference.sum(), 1e-300)
-    np.abs(scratch, out=scratch)
-    return float(0.5 * scratch.sum(axis=1)[rows].mean())
-
-
-def evidence_weighted_split(
-    bulk_cpm: np.ndarray,
-    proportions: np.ndarray,
-    profiles: list[np.ndarray],
-    signature: np.ndarray,
-    weight: np.ndarray,
-    cell_types: list[int],
-) -> dict[int, np.ndarray]:
-    """Each of ``cell_types``' share of each gene's bulk (``{type: samples × genes}``, CPM):
-    the split by the state-aware ``profiles`` (:func:`hpvade.core._states.allocate`) and the
-    split by the reference profiles (allocation, the columns of ``signature``), averaged with
-    the type's evidence ``weight``: ``weight × state-aware + (1 − weight) × allocation``.
-
-    Without the average a type whose states have no evidence would still move with the
-    others': where other types' states claim more of a gene, it would get less of it.
-    A type with weight 0 gets allocation exactly; with weight 1, the state-aware split.
-    """
-    moved = [k for k in cell_types if weight[k] > 0]
-    kept = [k for k in cell_types if weight[k] < 1]
-    shares = allocate(bulk_cpm, proportions, profiles, moved) if moved else {}
-    plain = allocate(bulk_cpm, proportions, list(signature.T), kept) if kept else {}
-    out = {}
-    for k in cell_types:
-        if k not in shares:
-            out[k] = plain[k]
-        elif k not in plain:
-            out[k] = shares[k]
-        else:
-            out[k] = shares[k]
-            out[k] *= weight[k]
-            out[k] += (1.0 - weight[k]) * plain[k]
-    return out
+    profiles /= np.where(sums > 0, sums, 1.0)
+    profiles -= reference / max(reference.sum(), 1e-300)
+    np.abs(profiles, out=profiles)
+    return float(0.5 * profiles.sum(axis=1).mean())

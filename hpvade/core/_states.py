@@ -1,14 +1,12 @@
-"""Cell states inside a bulk sample: state profiles, their per-sample weights, allocation.
+"""Cell states inside a bulk sample: state profiles and their per-sample weights.
 
 Each cell type's reference cells are split into states by k-means in the VAE's latent space.
 A state's profile is its cells' aggregate, shrunk towards what the decoder makes of them
 (the geometric mean of the two, each calibrated to the type's column of S), so that small
 states are smoothed by the generative model. For every bulk sample the weights of each type's
 states are fitted to the bulk on the log scale with the type's share held at the served
-proportion; each gene's bulk expression is then split among the types in proportion to
-``proportion × state-aware profile`` (the expectation BayesPrism uses, with per-sample
-profiles in place of the reference's), after each type's profile is adapted gene by gene to
-the samples' donors, as far as the cohort shows how they differ (:func:`cohort_type_factors`).
+proportion; each gene's bulk expression is then split among the types
+(:mod:`hpvade.core._allocation`).
 
 How far each type's fitted state weights are followed is decided per type by the cohort
 (:mod:`hpvade.core._state_evidence`).
@@ -22,7 +20,6 @@ import numpy as np
 import torch
 from scipy.cluster.vq import kmeans, vq
 
-from hpvade._constants import CPM_SCALE
 from hpvade.data._labels import indicator_matrix
 from hpvade.data._signature import scale_columns_to_cpm
 
@@ -40,14 +37,6 @@ STATE_FIT_STEPS = 300
 STATE_FIT_LR = 0.1
 #: Samples fitted together (bounds the working memory: samples × genes × a few floats).
 STATE_FIT_CHUNK = 1024
-#: Weight, in samples, of the prior that keeps each type's profile at the reference's in
-#: :func:`cohort_type_factors`: a cohort much larger than this sets its own factors, a few
-#: samples keep them nearer 1.
-COHORT_PRIOR_SAMPLES = 10.0
-#: Entries (samples × genes × types) of one chunk of :func:`cohort_type_factors`.
-COHORT_CHUNK_ENTRIES = 2**24
-#: Smallest factor (the least-squares factors are not bounded below).
-MIN_COHORT_FACTOR = 1e-3
 
 
 @dataclass(frozen=True)
@@ -180,86 +169,7 @@ def _fit_chunk(bulk_cpm, proportions, states: CellStates, n_steps: int) -> np.nd
         return weights().double().numpy()
 
 
-def mixed_profiles(proportions: np.ndarray, profiles: list[np.ndarray]) -> np.ndarray:
-    """``sum_k proportions[:, k] * profiles[k]`` (samples × genes): the bulk the types'
-    profiles predict. ``profiles``: a samples × genes array per type, or a gene vector
-    shared by all samples."""
-    shared = [k for k, profile in enumerate(profiles) if np.ndim(profile) == 1]
-    if shared:  # the profiles all samples share: one matrix product
-        total = proportions[:, shared] @ np.stack([profiles[k] for k in shared])
-    else:
-        total = np.zeros((proportions.shape[0], np.shape(profiles[0])[-1]))
-    for k, profile in enumerate(profiles):
-        if np.ndim(profile) == 2:
-            total += proportions[:, k, None] * profile
-    return total
-
-
-def cohort_type_factors(
-    bulk_cpm: np.ndarray,
-    proportions: np.ndarray,
-    profiles: list[np.ndarray],
-    prior_samples: float = COHORT_PRIOR_SAMPLES,
-) -> np.ndarray:
-    """Per gene and type, how the samples' cells of the type differ from their profiles
-    (genes × types): ``f`` minimising ``sum_i (bulk_ig - sum_k f_gk p_ik q_ikg)^2`` over the
-    samples, plus a ridge towards 1 of ``prior_samples`` samples' weight.
-
-    The samples' donors differ from the reference's gene by gene and type by type; a cohort
-    shows how, because the types' shares vary between its samples (the per-gene regression of
-    CIBERSORTx's high-resolution mode and bMIND, here around the reference's profiles).
-    ``profiles``: a samples × genes array per type, or a gene vector shared by all samples.
-    """
-    n_samples, n_genes = bulk_cpm.shape
-    n_types = proportions.shape[1]
-    gram = np.zeros((n_genes, n_types, n_types))
-    linear = np.zeros((n_genes, n_types))
-    step = min(n_samples, max(1, COHORT_CHUNK_ENTRIES // max(1, n_genes * n_types)))
-    buffer = np.empty((step, n_genes, n_types))  # one chunk's samples × genes × types, reused
-    for start in range(0, n_samples, step):
-        rows = slice(start, start + step)
-        design = buffer[: len(range(n_samples)[rows])]
-        for k, profile in enumerate(profiles):
-            shared = np.broadcast_to(profile, (n_samples, n_genes))[rows]
-            np.multiply(proportions[rows, k, None], shared, out=design[:, :, k])
-        # optimize=True: a batched matrix product, not einsum's default loop
-        gram += np.einsum("igk,igl->gkl", design, design, optimize=True)
-        linear += np.einsum("igk,ig->gk", design, bulk_cpm[rows], optimize=True)
-    trace = np.trace(gram, axis1=1, axis2=2)
-    ridge = prior_samples * trace / (n_types * max(n_samples, 1))
-    ridge = np.where(trace > 0, ridge, 1.0)  # a gene no profile has: factor 1
-    system = gram + ridge[:, None, None] * np.eye(n_types)
-    factors = np.linalg.solve(system, (linear + ridge[:, None])[..., None])[..., 0]
-    return np.maximum(factors, MIN_COHORT_FACTOR)
-
-
 def sample_profiles(weights: np.ndarray, states: CellStates, cell_type: int) -> np.ndarray:
     """One type's state-aware profile in each sample (samples × genes, CPM)."""
     members = np.flatnonzero(states.cell_type == cell_type)
     return weights[:, members] @ states.profiles[:, members].T
-
-
-def allocate(
-    bulk_cpm: np.ndarray,
-    proportions: np.ndarray,
-    profiles: list[np.ndarray],
-    cell_types: list[int],
-) -> dict[int, np.ndarray]:
-    """Each of ``cell_types``' share of each gene's bulk expression, scaled to CPM
-    (``{type index: samples × genes}``).
-
-    ``profiles``: every type's state-aware profile (a samples × genes array per type, or a
-    gene vector shared by all samples). Gene g of sample i goes to type k in proportion to
-    ``proportions[i, k] * profiles[k][i, g]``.
-    """
-    total = mixed_profiles(proportions, profiles)
-    # the bulk per unit of predicted expression, once for all types (0 where none is predicted)
-    np.divide(bulk_cpm, total, out=total, where=total > 0)
-    shares = {}
-    for k in cell_types:
-        expression = proportions[:, k, None] * profiles[k]
-        expression *= total
-        sums = expression.sum(axis=1, keepdims=True)
-        expression *= np.divide(CPM_SCALE, sums, out=np.zeros_like(sums), where=sums > 0)
-        shares[k] = expression
-    return shares

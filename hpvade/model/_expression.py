@@ -15,11 +15,11 @@ from scvi import settings
 from hpvade.core import (
     CellStates,
     StateEvidence,
-    allocate,
     cluster_states,
     cohort_type_factors,
     evidence_weighted_profiles,
-    evidence_weighted_split,
+    scale_profiles,
+    split_bulk,
     state_profiles,
 )
 from hpvade.data._bulk import as_bulk_anndata
@@ -151,22 +151,17 @@ class ExpressionMixin:
                 cpm, mixture, genes, force=bool(use_states)
             )
             factors = cohort_type_factors(cpm, mixture, state_aware)
-            # in place where a profile is the fit's own per-sample array
-            profiles = [
-                np.multiply(profile, factors[:, k], out=profile if profile.ndim == 2 else None)
-                for k, profile in enumerate(state_aware)
-            ]
+            profiles = scale_profiles(state_aware, factors)
             if use_states is None:
                 self._warn_if_no_state_moved(evidence, bulk.n_obs)
         self.state_evidence_ = self._evidence_frame(evidence)
         index, columns = bulk.obs_names.copy(), self.var_names[genes]
         indices = [self.cell_types.get_loc(n) for n in wanted]
-        if evidence is None or use_states:
-            shares = allocate(cpm, mixture, profiles, indices)
-        else:
-            shares = evidence_weighted_split(
-                cpm, mixture, profiles, signature, evidence.weight, indices
-            )
+        # the weight of each type's split by its profiles against allocation's (forced: 1)
+        weight = np.full(len(self.cell_types), float(bool(use_states)))
+        if evidence is not None and use_states is None:
+            weight = evidence.weight
+        shares = split_bulk(cpm, mixture, profiles, signature, weight, indices)
         result = {
             name: pd.DataFrame(shares[self.cell_types.get_loc(name)], index, columns)
             for name in wanted
