@@ -88,6 +88,9 @@ class HPVADEModule(BaseModuleClass):
         self.n_latent = n_latent
         self.prototype_weight = prototype_weight
         self.bulk_weight = bulk_weight
+        #: Whether ``loss`` computes the terms of weight 0, which are only logged; the training
+        #: plan turns it off for all but the first training step of an epoch.
+        self.log_unweighted_terms = True
         self.proportion_weight = proportion_weight
         self.use_counts = use_counts
         self.signature_pseudocount = signature_pseudocount
@@ -247,27 +250,31 @@ class HPVADEModule(BaseModuleClass):
         # each cell's prototype as a one-hot product: its gradient is a matrix product, where
         # indexing S.T[labels] scatters back through a slow index_put
         one_hot = F.one_hot(labels, self.n_labels).to(signature.dtype)
-        # a term of weight 0 is only logged: no graph for it, so no backward pass through it
-        with _graph_if(self.use_vae and self.prototype_weight != 0):
-            prototype = F.mse_loss(anscombe(cell_cpm), one_hot @ anscombe(vae_signature).T)
-
         # reconstruction_loss and kl_local are logged by scvi-tools' ELBO metric already.
-        metrics = {"prototype_loss": prototype}
+        metrics = {}
         if self.use_vae:
             total = torch.mean(reconstruction + kl_weight * kl_local)
-            total = total + self.prototype_weight * prototype
         else:
             total = torch.zeros((), device=reconstruction.device)
+        # a term of weight 0 is only logged: no graph for it, and only when asked
+        if self.prototype_weight != 0 or self.log_unweighted_terms:
+            with _graph_if(self.use_vae and self.prototype_weight != 0):
+                prototype = F.mse_loss(anscombe(cell_cpm), one_hot @ anscombe(vae_signature).T)
+            metrics["prototype_loss"] = prototype
+            if self.use_vae:
+                total = total + self.prototype_weight * prototype
 
         if BULK_KEY in tensors and "proportions" in inference_outputs:
             bulk = tensors[BULK_KEY]
             proportions = inference_outputs["proportions"]
-            with _graph_if(self.bulk_weight != 0):
-                bulk_loss = bulk_reconstruction_error(bulk, proportions, signature).mean()
+            if self.bulk_weight != 0 or self.log_unweighted_terms:
+                with _graph_if(self.bulk_weight != 0):
+                    bulk_loss = bulk_reconstruction_error(bulk, proportions, signature).mean()
+                metrics["bulk_loss"] = bulk_loss
+                total = total + self.bulk_weight * bulk_loss
             proportion_loss = F.mse_loss(proportions, tensors[BULK_PROPORTIONS_KEY])
-            metrics["bulk_loss"] = bulk_loss
             metrics["proportion_loss"] = proportion_loss
-            total = total + self.bulk_weight * bulk_loss + self.proportion_weight * proportion_loss
+            total = total + self.proportion_weight * proportion_loss
 
         return LossOutput(
             loss=total,

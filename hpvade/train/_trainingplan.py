@@ -153,7 +153,12 @@ class HPVADETrainingPlan(TrainingPlan):
             self.pool_train_cpm.shape[0], (n,), device=self.pool_train_cpm.device
         )
         batch = self._with_bulk(batch, self.pool_train_cpm, self.pool_train_props, index)
-        loss = super().training_step(batch, batch_idx)
+        # terms of weight 0 are only logged: once an epoch, not every step
+        self.module.log_unweighted_terms = batch_idx == 0
+        try:
+            loss = super().training_step(batch, batch_idx)
+        finally:
+            self.module.log_unweighted_terms = True
         inference_outputs, _, loss_output = self._step_outputs
         self._step_outputs = None
         if self.scale_check is None:
