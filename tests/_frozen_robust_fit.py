@@ -1,10 +1,24 @@
-"""Today's robust dampened fit, frozen as the reference of the speed-up's identity test
-(tests/test_robust_fit.py): copied from hpvade/_solvers.py at 0.2.0."""
+"""The robust dampened fit as it was at 0.2.0, frozen as the reference of the speed-up's
+identity test (tests/test_robust_fit.py): copied from hpvade/_solvers.py at 0.2.0, with the
+constants and the start it used, so that no later change to the library moves it."""
 
 import numpy as np
 
-from hpvade.core._nnls import scaled_start
-from hpvade.core._solvers import ROUND_TOLERANCE, TUKEY_CUTOFF, WEIGHT_CAP
+ROUND_TOLERANCE = 1e-5
+WEIGHT_CAP = 32.0
+TUKEY_CUTOFF = 3.0
+
+
+def scaled_start(initial: np.ndarray, gram: np.ndarray, linear: np.ndarray) -> np.ndarray:
+    """``initial`` (proportions) times the best total for each sample, clipped at 0."""
+    coef = np.array(initial, dtype=float, copy=True)
+    curvature = (
+        np.einsum("sk,skl,sl->s", coef, gram, coef)
+        if gram.ndim == 3
+        else np.einsum("sk,kl,sl->s", coef, gram, coef)
+    )
+    coef *= (np.einsum("sk,sk->s", coef, linear) / np.maximum(curvature, 1e-300))[:, None]
+    return np.clip(coef, 0.0, None, out=coef)
 
 
 def _coordinate_descent(
