@@ -1,9 +1,10 @@
-"""References opened with backed="r" give the same signature and pseudobulks as in memory."""
+"""Data that stays on disk or out of memory: backed references and bulks, and Dask-backed bulks."""
 
 import warnings
 
 import anndata as ad
 import numpy as np
+import pandas as pd
 import pytest
 
 import hpvade
@@ -95,3 +96,31 @@ def test_a_backed_cohort_shows_progress_where_a_bar_redraws(
             warnings.simplefilter("ignore")
             trained.get_proportions(ad.read_h5ad(path, backed="r"))
     assert bars == [([0, 25, 50], False), ([0, 25, 50], True)]
+
+
+def test_a_dask_backed_bulk_gives_the_in_memory_proportions(trained, test_bulk):
+    da = pytest.importorskip("dask.array")
+    bulk = test_bulk[:60].copy()
+    expected = trained.get_proportions(bulk.copy())
+    in_memory = bulk.copy()
+    trained.get_proportions(in_memory)
+    lazy = bulk.copy()
+    lazy.X = da.from_array(np.asarray(bulk.X), chunks=(25, 200))  # blocks of genes too
+    result = trained.get_proportions(lazy)
+    np.testing.assert_allclose(result.to_numpy(), expected.to_numpy(), atol=1e-12)
+    pd.testing.assert_index_equal(result.index, bulk.obs_names)
+    fit_score = in_memory.obs["hpvade_fit_score"]  # float32 scores, summed in other blocks
+    np.testing.assert_allclose(lazy.obs["hpvade_fit_score"], fit_score, rtol=1e-5)
+    assert lazy.obs["hpvade_unexplained"].dtype == bool
+    assert lazy.uns["hpvade_estimator"] == in_memory.uns["hpvade_estimator"]
+    with pytest.raises(ValueError, match="need it in memory"):
+        trained.get_proportions(lazy, n_draws=3)
+    distributed = pytest.importorskip("distributed")
+    with (
+        distributed.LocalCluster(
+            n_workers=2, threads_per_worker=1, processes=False, dashboard_address=None
+        ) as cluster,
+        distributed.Client(cluster),
+    ):
+        on_cluster = trained.get_proportions(lazy.copy())
+    np.testing.assert_allclose(on_cluster.to_numpy(), expected.to_numpy(), atol=1e-12)

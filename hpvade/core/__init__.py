@@ -11,6 +11,7 @@ from bulk samples and the signature S, as numpy / numba / torch functions that n
   and in torch for an accelerator;
 - ``_estimator``: ``ProportionEstimator``, the served fit as one object;
 - ``_signature_fit``: ``adapt``'s numerics (gene noise weights, S re-estimated on a cohort);
+- ``_blockwise``: one block of a cohort deconvolved on its own (Dask's blocks);
 - ``_scores``: per-sample scores of a fit on the Anscombe scale (also the training's bulk loss);
 - ``_unknown``: the share of a sample the reference's types cannot explain;
 - ``_intervals``: interval maths and the split-conformal scale;
@@ -27,6 +28,7 @@ from hpvade.core._allocation import (
     scale_profiles,
     split_bulk,
 )
+from hpvade.core._blockwise import BLOCK_SCORES, BlockDeconvolution
 from hpvade.core._estimator import ProportionEstimator
 from hpvade.core._intervals import conformal_scale, interval
 from hpvade.core._nnls import rows_sum_to_one, weighted_nnls
@@ -53,6 +55,8 @@ from hpvade.core._unknown import (
 )
 
 __all__ = [
+    "BLOCK_SCORES",
+    "BlockDeconvolution",
     "ADAPT_OPTIONS",
     "DEFAULT_ROUNDS",
     "DRAW_ROUNDS",

@@ -90,3 +90,8 @@ def check_finite_non_negative(values: np.ndarray, where: str, expected: str) -> 
         raise ValueError(f"{where} contains NaN or infinite values; remove or impute them.")
     if values.size and values.min() < 0:
         raise ValueError(f"{where} contains negative values; {expected}")
+
+
+def is_dask_array(matrix) -> bool:
+    """Whether ``matrix`` is a Dask array (without importing Dask where it is not in use)."""
+    return type(matrix).__module__.startswith("dask.")

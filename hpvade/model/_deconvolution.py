@@ -8,28 +8,18 @@ from typing import Literal
 
 import numpy as np
 import pandas as pd
-import torch
 from anndata import AnnData
 from scvi import settings
 from scvi.utils import track
 
 from hpvade._compat import renamed_keywords
-from hpvade._constants import (
-    ESTIMATOR_KEY,
-    FIT_SCORE_KEY,
-    GENE_REPORT_KEY,
-    PROPORTIONS_KEY,
-    UNEXPLAINED_KEY,
-    UNEXPLAINED_SCORE_KEY,
-    UNKNOWN_COLUMN,
-    UNKNOWN_FRACTION_KEY,
-    UNKNOWN_LOWER_BOUND_KEY,
-    UNKNOWN_MAP_KEY,
-)
+from hpvade._constants import PROPORTIONS_KEY, UNKNOWN_COLUMN, result_keys
 from hpvade._logging import interactive_output
 from hpvade.core import (
+    BLOCK_SCORES,
     DEFAULT_ROUNDS,
     DRAW_ROUNDS,
+    BlockDeconvolution,
     ProportionEstimator,
     ProportionFit,
     bulk_reconstruction_error,
@@ -41,6 +31,7 @@ from hpvade.core import (
 )
 from hpvade.data._bulk import as_bulk_anndata, measured_unknown_share
 from hpvade.data._labels import indicator_matrix
+from hpvade.data._matrix import get_matrix, is_dask_array
 from hpvade.data._pseudobulk import fractions_of_kind
 
 logger = logging.getLogger(__name__)
@@ -55,24 +46,6 @@ UNEXPLAINED_WARN_SHARE = 0.1
 BACKED_CHUNK_VALUES = 20_000_000
 #: A gene the robust fit set aside in at least this share of samples is named in the report.
 SET_ASIDE_REPORTED = 0.5
-
-
-def result_keys(key_added: str) -> dict[str, str]:
-    """The keys ``get_proportions`` writes besides ``obsm[key_added]``: the names of
-    ``hpvade._constants``' keys with ``key_added``'s prefix (``key_added`` without a
-    ``"_proportions"`` suffix) in place of ``"hpvade"``."""
-    prefix = key_added.removesuffix("_proportions")
-    keys = {
-        "unknown_fraction": UNKNOWN_FRACTION_KEY,
-        "unknown_lower_bound": UNKNOWN_LOWER_BOUND_KEY,
-        "unknown_map": UNKNOWN_MAP_KEY,
-        "fit_score": FIT_SCORE_KEY,
-        "unexplained_score": UNEXPLAINED_SCORE_KEY,
-        "unexplained": UNEXPLAINED_KEY,
-        "gene_report": GENE_REPORT_KEY,
-        "estimator": ESTIMATOR_KEY,
-    }
-    return {name: prefix + key.removeprefix("hpvade") for name, key in keys.items()}
 
 
 class DeconvolutionMixin:
@@ -106,7 +79,11 @@ class DeconvolutionMixin:
             ``anndata.read_h5ad(path, backed="r")`` is read and deconvolved a chunk of samples
             at a time, so memory stays bounded whatever its size (a progress bar in a terminal
             or notebook); the unknown fraction and the gene report are then each chunk's (the
-            report: the first's).
+            report: the first's). A bulk whose values are a Dask array (e.g. read lazily from
+            zarr or h5ad) is deconvolved block by block of samples as Dask schedules it: its
+            threaded scheduler, or the ``distributed`` client you have open; the proportions
+            equal the in-memory ones, the unknown-content score is each block's, and intervals,
+            ``use_states`` and ``unknown_share`` need the bulk in memory.
         layer
             Layer of ``bulk`` with the values; ``None`` uses ``bulk.X``.
         key_added
@@ -202,6 +179,14 @@ class DeconvolutionMixin:
         rounds = n_rounds if method == "fit" else 0
         keys = result_keys(key_added)
         bulk = as_bulk_anndata(bulk)
+        if is_dask_array(bulk.X if layer is None else bulk.layers[layer]):
+            if n_draws or use_states or unknown_share is not None:
+                raise ValueError(
+                    "A Dask-backed bulk is deconvolved block by block with the default fit: "
+                    "`n_draws`, `use_states` and `unknown_share` need it in memory "
+                    "(`bulk = bulk.to_memory()`, or deconvolve a subset)."
+                )
+            return self._proportions_by_dask(bulk, layer, key_added, kind, rounds, batch_size)
         if bulk.isbacked:
             options = {"layer": layer, "key_added": key_added, "batch_size": batch_size,
                        "method": method, "n_rounds": n_rounds, "kind": kind,
@@ -225,7 +210,11 @@ class DeconvolutionMixin:
         mixture = fit.proportions
         unknown_rna = estimator.unknown_share(cpm, fit, found)
         proportions, unknown = fractions_of_kind(mixture, kind, self.rna_content_, unknown_rna)
-        self._report_set_aside(report, fit.set_aside, found)
+        if fit.set_aside is not None:  # fitted genes set aside in at least half the samples
+            names = self.var_names[self._fit_gene_index(found)]
+            report["set_aside_genes"] = [
+                str(g) for g in names[fit.set_aside >= SET_ASIDE_REPORTED]
+            ]
         result = pd.DataFrame(proportions, index=bulk.obs_names.copy(), columns=self.cell_types)
         bulk.obs[keys["unknown_lower_bound"]] = np.clip(unknown_rna, 0.0, 1.0)
         bulk.obs[keys["unknown_fraction"]] = unknown
@@ -234,12 +223,7 @@ class DeconvolutionMixin:
                 bulk, result, unknown_rna, measured, unknown_content, kind, keys
             )
         bulk.obsm[key_added] = result
-        bulk.uns[keys["estimator"]] = {
-            "estimator": estimator.name if rounds > 0 else "network",
-            "adapted": self.gene_weights_ is not None,
-            "n_rounds": int(rounds),
-            "use_states": bool(use_states),
-        }
+        bulk.uns[keys["estimator"]] = self._estimator_report(estimator, rounds, use_states)
         scores = sample_scores(bulk_reconstruction_error, cpm, mixture, estimator.signature)
         bulk.obs[keys["fit_score"]] = scores
         self._flag_unexplained(bulk, cpm, mixture, estimator.signature, keys)
@@ -254,44 +238,14 @@ class DeconvolutionMixin:
         logger.info("Deconvolved %d samples (%s fractions).", bulk.n_obs, kind)
         return result
 
-    @torch.inference_mode()
-    def get_signature(self) -> pd.DataFrame:
-        """The signature S being served.
-
-        Returns
-        -------
-        DataFrame (genes × cell types), CPM: columns sum to 1e6 (after :meth:`adapt`, as its
-        regression left them, within a few per mille).
-        """
-        signature = self._served_signature()
-        return pd.DataFrame(signature, index=self.var_names, columns=self.cell_types)
-
-    def estimator(self) -> ProportionEstimator:
-        """The proportion estimator being served: S (as :meth:`get_signature`), the genes the
-        robust fit uses (``selected_genes_``) and, after :meth:`adapt`, the gene weights of
-        the weighted fit. Its ``fit(cpm, initial)`` is what :meth:`get_proportions` runs,
-        started from the deconvolution network's output, on the model's device (a GPU when
-        the model is on one).
-
-        Returns
-        -------
-        :class:`~hpvade.core.ProportionEstimator` (see the API reference's last section).
-        """
-        fit_genes = np.zeros(len(self.var_names), dtype=bool)
-        fit_genes[self._fit_gene_index()] = True
-        weights = None if self.gene_weights_ is None else np.asarray(self.gene_weights_, float)
-        return ProportionEstimator(
-            self._served_signature(), fit_genes, weights, device=str(self.device)
-        )
-
     # ------------------------------------------------------------------------------ helpers
-    def _report_set_aside(self, report: dict, set_aside, found: np.ndarray) -> None:
-        """Add to the gene report the fitted genes the robust fit set aside in at least half
-        of the samples (distorted by the protocol or expressed by unknown cells)."""
-        if set_aside is None:
-            return
-        genes = self.var_names[self._fit_gene_index(found)]
-        report["set_aside_genes"] = [str(g) for g in genes[set_aside >= SET_ASIDE_REPORTED]]
+    def _estimator_report(self, estimator, rounds: int, use_states: bool) -> dict:
+        return {
+            "estimator": estimator.name if rounds > 0 else "network",
+            "adapted": self.gene_weights_ is not None,
+            "n_rounds": int(rounds),
+            "use_states": bool(use_states),
+        }
 
     def _state_aware_fit(self, cpm: np.ndarray, fit: ProportionFit, found) -> ProportionFit:
         """The robust fit with every cell state as a column, started from ``fit`` spread over
@@ -359,6 +313,34 @@ class DeconvolutionMixin:
         bulk.obsm[f"{key_added}_std"] = pd.DataFrame(draws.std(axis=0), index, columns)
         bulk.obsm[f"{key_added}_lower"] = pd.DataFrame(lower, index, columns)
         bulk.obsm[f"{key_added}_upper"] = pd.DataFrame(upper, index, columns)
+
+    def _proportions_by_dask(self, bulk, layer, key_added, kind, rounds, batch_size):
+        """A bulk whose values are a Dask array: each block of samples is deconvolved by
+        :class:`~hpvade.core.BlockDeconvolution` as Dask schedules it (its threaded scheduler,
+        or the user's ``distributed`` client); only the results come back."""
+        found = np.asarray(self.var_names.isin(bulk.var_names))
+        if not found.all():
+            self._check_missing_genes(bulk, found)
+        values = get_matrix(bulk, layer).rechunk({1: -1})  # whole samples in each block
+        block = BlockDeconvolution(
+            self.module, self.estimator(), bulk.var_names, self.var_names, rounds, kind,
+            self.rna_content_, batch_size or DEFAULT_BATCH_SIZE,
+        )  # fmt: skip
+        n_types, width = len(self.cell_types), len(self.cell_types) + len(BLOCK_SCORES)
+        results = values.map_blocks(block, dtype=np.float64, chunks=(values.chunks[0], (width,)))
+        results = np.asarray(results.compute())
+        keys = result_keys(key_added)
+        result = pd.DataFrame(results[:, :n_types], bulk.obs_names.copy(), self.cell_types)
+        bulk.obsm[key_added] = result
+        for j, name in enumerate(BLOCK_SCORES):
+            bulk.obs[keys[name]] = results[:, n_types + j]
+        if self.unexplained_threshold_ is not None:
+            flagged = bulk.obs[keys["unexplained_score"]].to_numpy() > self.unexplained_threshold_
+            bulk.obs[keys["unexplained"]] = flagged
+            self._warn_if_unexplained(flagged, keys)
+        bulk.uns[keys["estimator"]] = self._estimator_report(block.estimator, rounds, False)
+        logger.info("Deconvolved %d samples in %d blocks.", bulk.n_obs, values.numblocks[0])
+        return result
 
     def _proportions_by_chunk(self, bulk: AnnData, options: dict) -> pd.DataFrame:
         """A backed bulk (``anndata.read_h5ad(path, backed="r")``), ``BACKED_CHUNK_VALUES``

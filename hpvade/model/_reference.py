@@ -13,6 +13,7 @@ from anndata import AnnData
 from scvi import REGISTRY_KEYS, settings
 
 from hpvade._constants import GENE_REPORT_KEY
+from hpvade.core import ProportionEstimator
 from hpvade.data._bulk import bulk_to_cpm, gene_mismatch_hint, gene_report, on_signature_scale
 from hpvade.data._genes import (
     resolve_gene_selection,
@@ -44,7 +45,8 @@ MIN_FIT_GENES_PER_TYPE = 3
 
 
 class ReferenceMixin:
-    """Registry lookups and pseudobulk simulation from the registered reference."""
+    """Registry lookups, pseudobulk simulation from the registered reference, the served S
+    and estimator, and the checks every call that takes a bulk shares."""
 
     @property
     def cell_types(self) -> pd.Index:
@@ -227,6 +229,36 @@ class ReferenceMixin:
         if self.adapted_signature_ is not None:
             return np.asarray(self.adapted_signature_, dtype=np.float64)
         return self.module.signature_array()
+
+    @torch.inference_mode()
+    def get_signature(self) -> pd.DataFrame:
+        """The signature S being served.
+
+        Returns
+        -------
+        DataFrame (genes × cell types), CPM: columns sum to 1e6 (after :meth:`adapt`, as its
+        regression left them, within a few per mille).
+        """
+        signature = self._served_signature()
+        return pd.DataFrame(signature, index=self.var_names, columns=self.cell_types)
+
+    def estimator(self) -> ProportionEstimator:
+        """The proportion estimator being served: S (as :meth:`get_signature`), the genes the
+        robust fit uses (``selected_genes_``) and, after :meth:`adapt`, the gene weights of
+        the weighted fit. Its ``fit(cpm, initial)`` is what :meth:`get_proportions` runs,
+        started from the deconvolution network's output, on the model's device (a GPU when
+        the model is on one).
+
+        Returns
+        -------
+        :class:`~hpvade.core.ProportionEstimator` (see the API reference's last section).
+        """
+        fit_genes = np.zeros(len(self.var_names), dtype=bool)
+        fit_genes[self._fit_gene_index()] = True
+        weights = None if self.gene_weights_ is None else np.asarray(self.gene_weights_, float)
+        return ProportionEstimator(
+            self._served_signature(), fit_genes, weights, device=str(self.device)
+        )
 
     def _bulk_cpm(
         self, bulk: AnnData, layer: str | None, allow_missing: bool = False
