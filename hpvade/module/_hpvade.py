@@ -106,6 +106,11 @@ class HPVADEModule(BaseModuleClass):
         self.decoder = DecoderSCVI(
             n_latent, self.n_vae_genes, n_layers=n_layers, n_hidden=n_hidden
         )
+        # the module's NB has one dispersion per gene and no zero inflation: DecoderSCVI's
+        # per-cell dispersion and dropout heads never reach the loss. Frozen, so that no
+        # optimiser keeps state for them and DDP does not wait for their gradients.
+        self.decoder.px_r_decoder.requires_grad_(False)
+        self.decoder.px_dropout_decoder.requires_grad_(False)
         self.px_r = nn.Parameter(torch.randn(self.n_vae_genes))
 
         self.deconv_net = FCLayers(

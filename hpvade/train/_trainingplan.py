@@ -72,6 +72,13 @@ class HPVADETrainingPlan(TrainingPlan):
         self.scale_check: dict[str, float] | None = None
 
     # ------------------------------------------------------------------------------- helpers
+    def _rank(self) -> tuple[int, int]:
+        """This process's rank and the number of processes (``(0, 1)`` on one device)."""
+        trainer = self._trainer
+        if trainer is None:
+            return 0, 1
+        return trainer.global_rank, max(trainer.world_size, 1)
+
     @staticmethod
     def _with_bulk(batch, cpm, props, index):
         batch = dict(batch)
@@ -85,6 +92,14 @@ class HPVADETrainingPlan(TrainingPlan):
         outputs = super().forward(*args, **kwargs)
         self._step_outputs = outputs
         return outputs
+
+    def compute_and_log_metrics(self, loss_output, metrics, mode: str) -> None:
+        """scvi-tools' metric logging under ``no_grad`` instead of ``inference_mode``: Lightning
+        keeps a batch-size tensor per logged loss term, and one made in inference mode cannot
+        be reduced across processes at the epoch's end (DDP fails on the extra metrics)."""
+        log = TrainingPlan.compute_and_log_metrics
+        with torch.no_grad():
+            getattr(log, "__wrapped__", log)(self, loss_output, metrics, mode)
 
     def _check_finite(self, loss_output, stage: str) -> None:
         """One host synchronisation a step; the failing term is looked up only on failure."""
@@ -149,9 +164,12 @@ class HPVADETrainingPlan(TrainingPlan):
     def training_step(self, batch, batch_idx):
         """scvi-tools' training step on cells plus a random minibatch of training pseudobulks."""
         n = batch[REGISTRY_KEYS.X_KEY].shape[0]
+        rank, n_ranks = self._rank()
+        # every process seeds alike: each draws from its own residue class of the pool
         index = torch.randint(
-            self.pool_train_cpm.shape[0], (n,), device=self.pool_train_cpm.device
+            self.pool_train_cpm.shape[0] // n_ranks, (n,), device=self.pool_train_cpm.device
         )
+        index = index * n_ranks + rank
         batch = self._with_bulk(batch, self.pool_train_cpm, self.pool_train_props, index)
         # terms of weight 0 are only logged: once an epoch, not every step
         self.module.log_unweighted_terms = batch_idx == 0
@@ -172,7 +190,9 @@ class HPVADETrainingPlan(TrainingPlan):
             return
         n = batch[REGISTRY_KEYS.X_KEY].shape[0]
         n_pool = self.pool_val_cpm.shape[0]
-        index = (torch.arange(n, device=self.pool_val_cpm.device) + batch_idx * n) % n_pool
+        rank, n_ranks = self._rank()
+        start = (batch_idx * n_ranks + rank) * n
+        index = (torch.arange(n, device=self.pool_val_cpm.device) + start) % n_pool
         batch = self._with_bulk(batch, self.pool_val_cpm, self.pool_val_props, index)
         super().validation_step(batch, batch_idx)
         loss_output, self._step_outputs = self._step_outputs[2], None
