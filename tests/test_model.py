@@ -264,6 +264,29 @@ def test_interrupted_run_saves_and_loads(tmp_path):
     assert loaded.get_signature().shape == (adata.n_vars, 3)
 
 
+def test_a_deferred_finite_check_names_the_first_failing_step(monkeypatch):
+    """As on an accelerator: steps queue unchecked; the check names the first failing one."""
+    from hpvade.train import HPVADETrainingPlan
+
+    queued = []
+    check = HPVADETrainingPlan._raise_if_not_finite
+
+    def spy(self):
+        queued.append([terms for *_, terms in self._pending_losses])
+        check(self)
+
+    monkeypatch.setattr(HPVADETrainingPlan, "_raise_if_not_finite", spy)
+    adata = make_reference()
+    hpvade.HPVADE.setup_anndata(adata, labels_key="cell_type")
+    model = hpvade.HPVADE(adata, n_hidden=16, n_latent=4)
+    with torch.no_grad():
+        model.module.signature_logits[0, 0] = float("nan")
+    with pytest.raises(NonFiniteLossError, match=r"Non-finite prototype_loss .* step 0"):
+        _quiet_train(model, max_epochs=20, n_pseudobulk=64, plan_kwargs={"finite_check_every": 3})
+    assert len(queued) == 1 and 1 < len(queued[0]) <= 3  # at 3 steps or the epoch end
+    assert all(v.grad_fn is None for terms in queued[0] for v in terms.values())
+
+
 def test_absurd_learning_rate_stops_with_a_named_term():
     adata = make_reference()
     hpvade.HPVADE.setup_anndata(adata, labels_key="cell_type")
