@@ -316,8 +316,9 @@ def test_the_robust_fit_by_chunks_of_samples_equals_one_call(monkeypatch):
         ),
     ],
 )
+@pytest.mark.parametrize("solve_on", ["device", "host"])
 @pytest.mark.parametrize("estimate_power", [True, False])
-def test_the_robust_fit_in_torch_equals_the_compiled_kernels(estimate_power, device):
+def test_the_robust_fit_in_torch_equals_the_compiled_kernels(estimate_power, device, solve_on):
     """The accelerator path (``hpvade.core._robust_torch``; on the CPU everywhere, on a GPU where
     there is one) against the compiled kernels: the same rounds, weights, solves and stops
     (measured 3e-15 here; 3.2e-15 on an H200, `benchmarks/results/scale_gpu.md`)."""
@@ -346,6 +347,7 @@ def test_the_robust_fit_in_torch_equals_the_compiled_kernels(estimate_power, dev
             _solvers.ROUND_TOLERANCE,
             (_solvers.ROUND_SWEEPS, _solvers.ROUND_SWEEP_TOLERANCE),
             (_solvers.VARIANCE_POWER_BINS, *_solvers.VARIANCE_POWER_RANGE),
+            solve_on=solve_on,
         )
         np.testing.assert_allclose(found[0], expected[0], rtol=1e-9, atol=1e-9)
         np.testing.assert_allclose(found[1], expected[1], rtol=1e-9, atol=1e-15)

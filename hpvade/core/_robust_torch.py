@@ -104,6 +104,18 @@ def _solve(gram, linear, coef, max_sweeps, tolerance):
     return coef
 
 
+def _solve_on_host(gram_upper, linear, coef, sweeps):
+    """The round's solve by the compiled CPU kernel (``round_solve``) from the Gram matrices'
+    upper triangles; returns the new coefficients and their relative change on the device."""
+    from hpvade.core._robust_kernel import round_solve
+
+    new = coef.cpu().numpy().copy()
+    moved = np.empty(new.shape[0])
+    rows = np.arange(new.shape[0])
+    round_solve(gram_upper.cpu().numpy(), linear.cpu().numpy(), new, rows, *sweeps, moved)
+    return torch.as_tensor(new, device=coef.device), torch.as_tensor(moved, device=coef.device)
+
+
 def robust_fit_torch(
     bulk: np.ndarray,
     signature: np.ndarray,
@@ -116,10 +128,13 @@ def robust_fit_torch(
     round_tolerance: float,
     sweeps: tuple[int, float],
     power_options: tuple[int, float, float],
+    solve_on: str = "device",
 ) -> tuple[np.ndarray, np.ndarray]:
     """``robust_dampened_fit``'s rounds on ``device`` in float64; returns numpy
     ``(coefficients, weights)`` as the compiled path does. ``sweeps``: a round's solve's
-    (sweeps, tolerance); ``power_options``: (bins, lowest, highest power)."""
+    (sweeps, tolerance); ``power_options``: (bins, lowest, highest power). ``solve_on="host"``
+    copies each round's Gram matrices to the CPU and solves them there with the compiled
+    kernel (a few small launches per type and sweep on the device become one copy each way)."""
     options = {"dtype": torch.float64, "device": device}
     b = torch.as_tensor(np.ascontiguousarray(bulk), **options)
     s = torch.as_tensor(np.ascontiguousarray(signature), **options)
@@ -144,10 +159,14 @@ def robust_fit_torch(
         products = w @ outer
         gram_rows[:, upper[0], upper[1]] = products
         gram_rows[:, upper[1], upper[0]] = products
-        new = _solve(gram_rows, (bulk_rows * w) @ s, current, *sweeps)
-        moved = (new - current).abs().sum(dim=1) / torch.clamp(
-            current.abs().sum(dim=1), min=1e-300
-        )
+        linear = (bulk_rows * w) @ s
+        if solve_on == "host":
+            new, moved = _solve_on_host(products, linear, current, sweeps)
+        else:
+            new = _solve(gram_rows, linear, current, *sweeps)
+            moved = (new - current).abs().sum(dim=1) / torch.clamp(
+                current.abs().sum(dim=1), min=1e-300
+            )
         coef[rows] = new
         rows = rows[moved > round_tolerance]
     return coef.cpu().numpy(), weights.cpu().numpy()

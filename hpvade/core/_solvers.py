@@ -43,6 +43,11 @@ FIT_CHUNK = 2048
 #: (about fifteen samples × genes float64 arrays: sorts, ratios, weights) come to some 2 GB
 #: of device memory at 1,000 fitted genes, whatever the cohort's size.
 DEVICE_FIT_CHUNK = 16_384
+#: Where an accelerator's rounds solve their Gram matrices: ``"device"`` (torch, a few small
+#: kernels per type and sweep) or ``"host"`` (copied to the compiled CPU kernel and back).
+#: ``benchmarks/scale.py`` times both on a GPU; until a GPU measures ``"host"`` faster, the
+#: device solves.
+DEVICE_SOLVE_ON = "device"
 #: Coordinate-descent sweeps and tolerance of a round's solve: warm-started and re-weighted
 #: next round anyway, a loose solve per round suffices. Each sample stops on its own
 #: tolerance; batched, every sample was swept until the slowest of its chunk met 1e-7, i.e.
@@ -152,6 +157,7 @@ def robust_dampened_fit(
             round_tolerance=ROUND_TOLERANCE,
             sweeps=(ROUND_SWEEPS, ROUND_SWEEP_TOLERANCE),
             power_options=(VARIANCE_POWER_BINS, *VARIANCE_POWER_RANGE),
+            solve_on=DEVICE_SOLVE_ON,
         )
         chunk, blas = DEVICE_FIT_CHUNK, contextlib.nullcontext()
     else:
