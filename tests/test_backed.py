@@ -124,3 +124,27 @@ def test_a_dask_backed_bulk_gives_the_in_memory_proportions(trained, test_bulk):
     ):
         on_cluster = trained.get_proportions(lazy.copy())
     np.testing.assert_allclose(on_cluster.to_numpy(), expected.to_numpy(), atol=1e-12)
+
+
+def test_a_dask_backed_bulk_is_written_to_zarr_as_get_proportions_serves_it(
+    trained, test_bulk, tmp_path
+):
+    da = pytest.importorskip("dask.array")
+    zarr = pytest.importorskip("zarr")
+    bulk = test_bulk[:60].copy()
+    expected = trained.get_proportions(bulk.copy())
+    lazy = bulk.copy()
+    lazy.X = da.from_array(np.asarray(bulk.X), chunks=(25, 200))
+    trained.write_proportions(lazy, tmp_path / "results.zarr")
+    written = zarr.open_array(tmp_path / "results.zarr", path="results", mode="r")
+    columns = list(written.attrs["columns"])
+    assert columns[: len(trained.cell_types)] == list(trained.cell_types)
+    values = pd.DataFrame(written[:], index=bulk.obs_names, columns=columns)
+    np.testing.assert_allclose(values[expected.columns], expected.to_numpy(), atol=1e-12)
+    by_blocks = lazy.copy()
+    trained.get_proportions(by_blocks)  # the unknown-content score is each block's
+    for name in ("unknown_lower_bound", "fit_score", "unexplained_score"):
+        np.testing.assert_allclose(values[name], by_blocks.obs[f"hpvade_{name}"], atol=1e-12)
+    assert "hpvade_proportions" not in lazy.obsm  # nothing written on the bulk
+    with pytest.raises(TypeError, match="must be a Dask array"):
+        trained.write_proportions(bulk, tmp_path / "again.zarr")

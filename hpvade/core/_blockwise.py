@@ -36,6 +36,13 @@ class BlockDeconvolution:
     content: np.ndarray | None
     batch_size: int
 
+    def over(self, values):
+        """The lazy results of a Dask array of samples × the bulk's genes: one task per block
+        of whole samples, samples × (types + :data:`BLOCK_SCORES`)."""
+        values = values.rechunk({1: -1})
+        width = self.estimator.signature.shape[1] + len(BLOCK_SCORES)
+        return values.map_blocks(self, dtype=np.float64, chunks=(values.chunks[0], (width,)))
+
     def __call__(self, block) -> np.ndarray:
         values = AnnData(
             np.asarray(block, dtype=np.float64), var=pd.DataFrame(index=self.bulk_genes)

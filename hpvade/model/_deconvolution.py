@@ -87,38 +87,26 @@ class DeconvolutionMixin:
         layer
             Layer of ``bulk`` with the values; ``None`` uses ``bulk.X``.
         key_added
-            Key of ``bulk.obsm`` where the proportions are written. The other keys written
-            (see Notes) share its prefix: ``"hpvade_proportions"`` writes
-            ``obs["hpvade_unknown_fraction"]``, ``"model2"`` writes
-            ``obs["model2_unknown_fraction"]``, so two calls never overwrite each other.
+            Key of ``bulk.obsm`` for the proportions; the other keys written (Notes) share its
+            prefix (``"model2"`` writes ``obs["model2_fit_score"]``): calls never overwrite.
         batch_size
             Samples per forward pass of the network; defaults to 1024.
         method
-            ``"fit"`` (default): the network's output starts a fit of each sample to ``S @ c``
-            (:meth:`estimator`): before :meth:`adapt`, dampened weighted least squares with
-            robust gene weights on the selected genes (errors weighed by the variance measured
-            in each sample's residuals, genes a protocol distorts set aside); after
-            :meth:`adapt`, the exact gene-weighted least squares that adapt fitted S with.
+            ``"fit"`` (default): the network's output starts the robust fit of each sample to S
+            (:meth:`estimator`; after :meth:`adapt`, the exact fit adapt made S with).
             ``"network"``: the deconvolution network's output as is.
         n_rounds
             Re-weighting rounds of the robust fit (the adapted fit is exact and ignores it).
         kind
-            ``"cell"`` (default): fractions of cells. ``"rna"``: fractions of the sample's RNA.
-            A bulk mixes RNA, so the model estimates RNA fractions; with a registered count
-            layer it knows each type's RNA content (mean counts per cell, ``rna_content_``) and
-            cell fractions are ``(rna / content)`` renormalised. Without a count layer the
-            reference is normalised per cell, RNA content is unknown, and both kinds return
-            the same numbers.
+            ``"cell"`` (default): fractions of cells; ``"rna"``: of the sample's RNA. With a
+            registered count layer, cell fractions are RNA fractions over each type's RNA
+            content (``rna_content_``), renormalised; without one both kinds are the same.
         n_draws
-            Signature draws for uncertainty (0: none). Each draw perturbs S by the variation of
-            its type profiles under the VAE posterior (each reference cell decoded from a
-            sample of q(z | x), cells bootstrapped within their type) and re-fits the
-            proportions. The draws' standard deviation goes to ``obsm[key_added + "_std"]``;
-            times a per-type factor ``interval_scale_`` calibrated on pseudobulks of known
-            composition (see :meth:`calibrate_uncertainty`; it runs on the first call with
-            draws after ``train`` or ``adapt``, once) it gives the 90 % interval
-            ``obsm[key_added + "_lower"]`` / ``obsm[key_added + "_upper"]`` around the
-            estimate. 20 draws are a good default.
+            Signature draws for 90 % intervals (0: none; 20 is a good default): S perturbed by
+            its profiles' variation under the VAE posterior and refitted. Their standard
+            deviation goes to ``obsm[key_added + "_std"]``, the intervals (scaled by
+            ``interval_scale_``, calibrated once by :meth:`calibrate_uncertainty`) to
+            ``obsm[key_added + "_lower"]`` and ``obsm[key_added + "_upper"]``.
         unknown_share
             The share of each sample's cells that the reference lacks, where you know it
             (tumour purity from histology, neutrophils from a blood count): an array (one
@@ -137,9 +125,8 @@ class DeconvolutionMixin:
             (``kind="rna"`` with ``unknown_share`` only). Tumour cells often hold more
             (2 doubles the unknown RNA share a given cell share implies).
         use_states
-            Fit the bulk with every cell state (:meth:`cell_states`) as a column of S and sum
-            each type's states. Off by default: it did not improve the proportions on real
-            bulk (see the docs page "The model and its losses").
+            Fit the bulk with every cell state (:meth:`cell_states`) as a column of S, summed
+            by type. Off by default: no gain on real bulk (docs page "The model and its losses").
 
         Returns
         -------
@@ -165,11 +152,9 @@ class DeconvolutionMixin:
           whether it exceeds ``unexplained_threshold_``, calibrated on pseudobulks from the
           reference (see :meth:`calibrate_unexplained`). A warning names how many samples are
           flagged.
-        - ``uns["hpvade_gene_report"]``: reference genes found and missing, extra bulk genes
-          ignored, reference genes that are zero in every sample, the selected genes the fit
-          used and lacked, and ``set_aside_genes``: fitted genes the robust fit set aside in
-          at least half of the samples (their bulk-to-fit ratio is far off the sample's
-          typical one: distorted by the protocol, or expressed by cells the reference lacks).
+        - ``uns["hpvade_gene_report"]``: reference genes found, missing, extra and all-zero;
+          the fitted genes used and lacked; ``set_aside_genes``, those the robust fit set
+          aside in at least half of the samples (protocol-distorted, or from missing cells).
         - ``uns["hpvade_estimator"]``: the fit that produced the proportions.
         """
         if kind not in ("cell", "rna"):
@@ -314,21 +299,54 @@ class DeconvolutionMixin:
         bulk.obsm[f"{key_added}_lower"] = pd.DataFrame(lower, index, columns)
         bulk.obsm[f"{key_added}_upper"] = pd.DataFrame(upper, index, columns)
 
-    def _proportions_by_dask(self, bulk, layer, key_added, kind, rounds, batch_size):
-        """A bulk whose values are a Dask array: each block of samples is deconvolved by
-        :class:`~hpvade.core.BlockDeconvolution` as Dask schedules it (its threaded scheduler,
-        or the user's ``distributed`` client); only the results come back."""
+    def write_proportions(
+        self,
+        bulk: AnnData,
+        store,
+        layer: str | None = None,
+        kind: Literal["cell", "rna"] = "cell",
+        n_rounds: int = DEFAULT_ROUNDS,
+    ) -> None:
+        """Deconvolve a Dask-backed bulk block by block into a zarr store, for cohorts whose
+        results do not fit in memory; nothing is written on ``bulk``.
+
+        Parameters
+        ----------
+        bulk
+            Bulk samples whose values are a Dask array; ``layer``, ``kind``, ``n_rounds``: as
+            in :meth:`get_proportions`.
+        store
+            A path or zarr store. Its array ``results`` holds samples (``bulk.obs_names``'
+            order) × the proportions, then the scores :meth:`get_proportions` writes in
+            ``obs``, all named in its ``columns`` attribute.
+        """
+        import zarr
+
+        results = self._dask_results(bulk, layer, kind, n_rounds, None)[1]
+        results.to_zarr(store, component="results", overwrite=True)
+        columns = [*self.cell_types, *BLOCK_SCORES]
+        zarr.open_array(store, path="results", mode="r+").attrs["columns"] = columns
+
+    def _dask_results(self, bulk, layer, kind, rounds, batch_size):
+        """The block deconvolution of a Dask-backed bulk and its lazy results."""
+        if not is_dask_array(get_matrix(bulk, layer)):
+            raise TypeError("`bulk`'s values must be a Dask array; this one is in memory.")
         found = np.asarray(self.var_names.isin(bulk.var_names))
         if not found.all():
             self._check_missing_genes(bulk, found)
-        values = get_matrix(bulk, layer).rechunk({1: -1})  # whole samples in each block
         block = BlockDeconvolution(
             self.module, self.estimator(), bulk.var_names, self.var_names, rounds, kind,
             self.rna_content_, batch_size or DEFAULT_BATCH_SIZE,
         )  # fmt: skip
-        n_types, width = len(self.cell_types), len(self.cell_types) + len(BLOCK_SCORES)
-        results = values.map_blocks(block, dtype=np.float64, chunks=(values.chunks[0], (width,)))
-        results = np.asarray(results.compute())
+        return block, block.over(get_matrix(bulk, layer))
+
+    def _proportions_by_dask(self, bulk, layer, key_added, kind, rounds, batch_size):
+        """A bulk whose values are a Dask array: each block of samples is deconvolved by
+        :class:`~hpvade.core.BlockDeconvolution` as Dask schedules it (its threaded scheduler,
+        or the user's ``distributed`` client); only the results come back."""
+        block, lazy = self._dask_results(bulk, layer, kind, rounds, batch_size)
+        n_types = len(self.cell_types)
+        results = np.asarray(lazy.compute())
         keys = result_keys(key_added)
         result = pd.DataFrame(results[:, :n_types], bulk.obs_names.copy(), self.cell_types)
         bulk.obsm[key_added] = result
@@ -339,7 +357,7 @@ class DeconvolutionMixin:
             bulk.obs[keys["unexplained"]] = flagged
             self._warn_if_unexplained(flagged, keys)
         bulk.uns[keys["estimator"]] = self._estimator_report(block.estimator, rounds, False)
-        logger.info("Deconvolved %d samples in %d blocks.", bulk.n_obs, values.numblocks[0])
+        logger.info("Deconvolved %d samples in %d blocks.", bulk.n_obs, lazy.numblocks[0])
         return result
 
     def _proportions_by_chunk(self, bulk: AnnData, options: dict) -> pd.DataFrame:
