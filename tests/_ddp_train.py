@@ -5,6 +5,7 @@ script, not a test. Each process writes what it ended with to ``<out>/rank<r>.js
 """
 
 import json
+import math
 import sys
 import warnings
 from pathlib import Path
@@ -13,6 +14,7 @@ import numpy as np
 import scvi
 
 import hpvade
+from hpvade.data._split import stratified_split
 from hpvade.datasets import PBMC_LABELS_KEY
 
 
@@ -26,6 +28,10 @@ def main(out: Path) -> None:
     )
     hpvade.HPVADE.setup_anndata(reference, labels_key=PBMC_LABELS_KEY)
     model = hpvade.HPVADE(reference)
+    # a batch size that leaves each process one cell in its last batch, which BatchNorm
+    # cannot take: train() must drop it in every process
+    n_train = stratified_split(model._label_codes(), 0.9, np.random.default_rng(0))[0].size
+    batch_size = math.ceil(n_train / 2) - 1
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         model.train(
@@ -34,6 +40,7 @@ def main(out: Path) -> None:
             devices=2,
             strategy="ddp",
             n_pseudobulk=800,
+            batch_size=batch_size,
             enable_progress_bar=False,
         )
         proportions = model.get_proportions(bulk)

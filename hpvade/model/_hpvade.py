@@ -4,12 +4,14 @@ concept a file; fitted state is declared in ``_fitted_state``)."""
 from __future__ import annotations
 
 import logging
+import math
 
 import numpy as np
 from anndata import AnnData
 from scvi import REGISTRY_KEYS, settings
 from scvi.data import AnnDataManager
 from scvi.data.fields import CategoricalObsField, LayerField
+from scvi.model._utils import use_distributed_sampler
 from scvi.model.base import BaseModelClass, UnsupervisedTrainingMixin, VAEMixin
 from scvi.utils import setup_anndata_dsp
 
@@ -220,7 +222,9 @@ class HPVADE(
         self.module.set_bulk_standardization(pool_train[0])
         datasplitter_kwargs = {
             "external_indexing": [train_idx, val_idx, np.array([], dtype=np.int64)],
-            "drop_last": train_idx.size % batch_size == 1,  # BatchNorm needs 2 cells a batch
+            # BatchNorm needs 2 cells a batch: in each process, with DDP
+            "drop_last": _cells_per_process(train_idx.size, devices, trainer_kwargs) % batch_size
+            == 1,
             **(datasplitter_kwargs or {}),
         }
         plan_kwargs = {
@@ -314,3 +318,12 @@ class HPVADE(
         adata_manager = AnnDataManager(fields=anndata_fields, setup_method_args=setup_method_args)
         adata_manager.register_fields(adata, **kwargs)
         cls.register_manager(adata_manager)
+
+
+def _cells_per_process(n_cells: int, devices, trainer_kwargs: dict) -> int:
+    """Training cells each process iterates over: all of them, or with DDP its share
+    (scvi-tools' distributed sampler pads every process to ``ceil(n / processes)``)."""
+    if not use_distributed_sampler(trainer_kwargs.get("strategy")):
+        return n_cells
+    n_processes = len(devices) if isinstance(devices, list | tuple) else devices
+    return math.ceil(n_cells / n_processes) if isinstance(n_processes, int) else n_cells
