@@ -16,6 +16,15 @@ logging.getLogger("lightning").setLevel(logging.ERROR)
 logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
 
 LABELS = PBMC_LABELS_KEY
+#: Session fixtures that train a model on real cells: a test that uses one is ``slow``.
+TRAINING_FIXTURES = {"trained", "missing_type_model"}
+
+
+def pytest_collection_modifyitems(items):
+    """Mark every test that trains on real cells through a fixture as ``slow``."""
+    for item in items:
+        if TRAINING_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
 
 
 @pytest.fixture(scope="session")

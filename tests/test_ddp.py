@@ -9,6 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+pytestmark = pytest.mark.slow
+
 HELPER = Path(__file__).with_name("_ddp_train.py")
 
 

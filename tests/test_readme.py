@@ -7,7 +7,10 @@ from pathlib import Path
 
 import matplotlib
 import numpy as np
+import pytest
 import scvi
+
+pytestmark = pytest.mark.slow
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 

@@ -11,7 +11,6 @@ from anndata import AnnData
 from scvi import REGISTRY_KEYS, settings
 from scvi.data import AnnDataManager
 from scvi.data.fields import CategoricalObsField, LayerField
-from scvi.model._utils import use_distributed_sampler
 from scvi.model.base import BaseModelClass, UnsupervisedTrainingMixin, VAEMixin
 from scvi.utils import setup_anndata_dsp
 
@@ -323,7 +322,12 @@ class HPVADE(
 def _cells_per_process(n_cells: int, devices, trainer_kwargs: dict) -> int:
     """Training cells each process iterates over: all of them, or with DDP its share
     (scvi-tools' distributed sampler pads every process to ``ceil(n / processes)``)."""
-    if not use_distributed_sampler(trainer_kwargs.get("strategy")):
+    strategy = trainer_kwargs.get("strategy")
+    if isinstance(strategy, str):
+        distributed = "ddp" in strategy  # as scvi-tools decides on its distributed sampler
+    else:
+        distributed = any(c.__name__ == "DDPStrategy" for c in type(strategy).__mro__)
+    if not distributed:
         return n_cells
     n_processes = len(devices) if isinstance(devices, list | tuple) else devices
     return math.ceil(n_cells / n_processes) if isinstance(n_processes, int) else n_cells
