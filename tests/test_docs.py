@@ -219,3 +219,59 @@ def test_docs_page_figures_come_from_the_results_files_the_page_cites():
             if not re.search(rf"(?<![\d.]){re.escape(f)}(?!\d)", results)
         ]
         assert not missing, f"{page.name}: {missing} are in none of {sorted(cited)}"
+
+
+def _results_versions(root: Path, name: str, commits: set[str]) -> str:
+    """A results file as it is, and as it was when produced at any of ``commits`` (from git
+    history; nothing where the checkout has no history)."""
+    import re
+    import subprocess
+
+    path = f"benchmarks/results/{name}"
+    texts = [(root / path).read_text()]
+    if not commits:
+        return texts[0]
+    try:
+        log = subprocess.run(
+            ["git", "log", "--format=%h", "--", path], cwd=root, capture_output=True, text=True
+        ).stdout.split()
+    except OSError:
+        return texts[0]
+    for revision in log:
+        old = subprocess.run(
+            ["git", "show", f"{revision}:{path}"], cwd=root, capture_output=True, text=True
+        ).stdout
+        produced = re.search(r"at commit ([0-9a-f]{7,40})", "\n".join(old.splitlines()[:15]))
+        if produced and any(produced.group(1)[:7] == c[:7] for c in commits):
+            texts.append(old)
+    return "".join(texts)
+
+
+def test_changelog_unreleased_figures_come_from_the_results_files_each_entry_cites():
+    """Every decimal figure of an entry under "Unreleased" is, as written, in a results file
+    the entry cites: as it is, or as it was at a commit the entry names."""
+    import re
+
+    root = Path(hpvade.__file__).parents[1]
+    text = (root / "CHANGELOG.md").read_text()
+    start = text.index("## [Unreleased]")
+    unreleased = text[start : text.index("\n## [", start + 1)]
+    names = {path.name for path in (root / "benchmarks" / "results").glob("*.md")}
+    figure = r"(?<![\w.])\d+(?:,\d{3})*\.\d+(?![\w.])"
+    version = r"(?:until|in|before|since|to)\s+$"
+    for entry in re.split(r"\n- ", unreleased)[1:]:
+        prose = re.sub(r"`[^`]*`", "", entry)
+        figures = [
+            m.group(0)
+            for m in re.finditer(figure, prose)
+            if not re.search(version, prose[: m.start()]) or not re.fullmatch(r"0\.\d", m[0])
+        ]
+        if not figures:
+            continue
+        cited = {name for name in re.findall(r"(\w+\.md)", entry) if name in names}
+        assert cited, f"CHANGELOG entry quotes {figures} and cites no results file: {entry[:80]!r}"
+        commits = set(re.findall(r"\b[0-9a-f]{7}\b", entry))
+        results = "".join(_results_versions(root, name, commits) for name in cited)
+        found = [re.search(rf"(?<![\d.]){re.escape(f)}(?!\d)", results) for f in figures]
+        missing = [f for f, hit in zip(figures, found, strict=True) if not hit]
+        assert not missing, f"CHANGELOG entry {entry[:80]!r}: {missing} are in none of {cited}"
