@@ -4,6 +4,10 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
+
+pytestmark = pytest.mark.slow  # starts Python processes
+
 SCRIPT = textwrap.dedent(
     """
     import tempfile
