@@ -206,12 +206,18 @@ def test_moderate_scale_gap_warns_without_severe():
         _quiet_train(model, max_epochs=1, n_pseudobulk=64, plan_kwargs=plan_kwargs)
 
 
-def test_nan_loss_stops_training_naming_the_term():
+def _small_model_with_a_nan_in_s():
+    """A small registered reference and its model, one entry of S NaN: training must stop."""
     adata = make_reference()
     hpvade.HPVADE.setup_anndata(adata, labels_key="cell_type")
     model = hpvade.HPVADE(adata, n_hidden=16, n_latent=4)
     with torch.no_grad():
         model.module.signature_logits[0, 0] = float("nan")
+    return adata, model
+
+
+def test_nan_loss_stops_training_naming_the_term():
+    _, model = _small_model_with_a_nan_in_s()
     with pytest.raises(NonFiniteLossError, match=r"Non-finite prototype_loss .* step 0"):
         _quiet_train(model, max_epochs=2, n_pseudobulk=64)
 
@@ -251,11 +257,7 @@ def test_same_seed_gives_identical_proportions(test_bulk, one_thread):
 
 
 def test_interrupted_run_saves_and_loads(tmp_path):
-    adata = make_reference()
-    hpvade.HPVADE.setup_anndata(adata, labels_key="cell_type")
-    model = hpvade.HPVADE(adata, n_hidden=16, n_latent=4)
-    with torch.no_grad():
-        model.module.signature_logits[0, 0] = float("nan")
+    adata, model = _small_model_with_a_nan_in_s()
     with pytest.raises(NonFiniteLossError):
         _quiet_train(model, max_epochs=2, n_pseudobulk=64)
     model.save(tmp_path / "interrupted")
@@ -276,11 +278,7 @@ def test_a_deferred_finite_check_names_the_first_failing_step(monkeypatch):
         check(self)
 
     monkeypatch.setattr(HPVADETrainingPlan, "_raise_if_not_finite", spy)
-    adata = make_reference()
-    hpvade.HPVADE.setup_anndata(adata, labels_key="cell_type")
-    model = hpvade.HPVADE(adata, n_hidden=16, n_latent=4)
-    with torch.no_grad():
-        model.module.signature_logits[0, 0] = float("nan")
+    _, model = _small_model_with_a_nan_in_s()
     with pytest.raises(NonFiniteLossError, match=r"Non-finite prototype_loss .* step 0"):
         _quiet_train(model, max_epochs=20, n_pseudobulk=64, plan_kwargs={"finite_check_every": 3})
     assert len(queued) == 1 and 1 < len(queued[0]) <= 3  # at 3 steps or the epoch end

@@ -155,14 +155,14 @@ def robust_fit_torch(
             bulk_rows, current @ s.T, weight_cap, tukey_cutoff, estimate_power, power_options
         )
         weights[rows] = w
-        gram_rows = torch.empty(rows.numel(), n_types, n_types, **options)
-        products = w @ outer
-        gram_rows[:, upper[0], upper[1]] = products
-        gram_rows[:, upper[1], upper[0]] = products
+        products = w @ outer  # each sample's Gram matrix, its upper triangle row by row
         linear = (bulk_rows * w) @ s
         if solve_on == "host":
             new, moved = _solve_on_host(products, linear, current, sweeps)
         else:
+            gram_rows = torch.empty(rows.numel(), n_types, n_types, **options)
+            gram_rows[:, upper[0], upper[1]] = products
+            gram_rows[:, upper[1], upper[0]] = products
             new = _solve(gram_rows, linear, current, *sweeps)
             moved = (new - current).abs().sum(dim=1) / torch.clamp(
                 current.abs().sum(dim=1), min=1e-300

@@ -322,6 +322,8 @@ class DeconvolutionMixin:
         """
         import zarr
 
+        if not is_dask_array(get_matrix(bulk, layer)):
+            raise TypeError("`bulk`'s values must be a Dask array; this one is in memory.")
         results = self._dask_results(bulk, layer, kind, n_rounds, None)[1]
         results.to_zarr(store, component="results", overwrite=True)
         columns = [*self.cell_types, *BLOCK_SCORES]
@@ -329,8 +331,6 @@ class DeconvolutionMixin:
 
     def _dask_results(self, bulk, layer, kind, rounds, batch_size):
         """The block deconvolution of a Dask-backed bulk and its lazy results."""
-        if not is_dask_array(get_matrix(bulk, layer)):
-            raise TypeError("`bulk`'s values must be a Dask array; this one is in memory.")
         found = np.asarray(self.var_names.isin(bulk.var_names))
         if not found.all():
             self._check_missing_genes(bulk, found)
