@@ -23,3 +23,21 @@ def test_a_model_saved_by_0_2_0_loads_and_serves_its_proportions():
     before = pd.read_csv(SAVED_0_2_0 / "proportions_0_2_0.csv", index_col=0)
     assert list(served.columns) == list(before.columns)
     np.testing.assert_allclose(served.to_numpy(), before.to_numpy(), rtol=0, atol=1e-9)
+
+
+def test_every_output_of_the_saved_model_is_what_it_was():
+    """Proportions (both kinds, both methods), scores, unknown share, intervals, whole-sample
+    fractions, cell-type expression and adapt, against ``tests/data/model_0_2_0/outputs.npz``
+    (written by ``python -m tests._every_output``). A change that moves one must say so and
+    rewrite the file."""
+    from tests._every_output import OUTPUTS, every_output
+
+    expected = np.load(OUTPUTS)
+    served = every_output()
+    assert sorted(served) == sorted(expected.files)
+    moved = {
+        name: float(np.nanmax(np.abs(served[name] - expected[name])))
+        for name in expected.files
+        if not np.allclose(served[name], expected[name], rtol=0, atol=1e-10, equal_nan=True)
+    }
+    assert not moved, moved
