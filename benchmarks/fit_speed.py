@@ -20,7 +20,7 @@ import numpy as np
 from provenance import stamp
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from hpvade.core._solvers import robust_dampened_fit
+from hpvade.core._estimator import robust_dampened_fit
 from tests._frozen_robust_fit import robust_dampened_fit as frozen
 
 

@@ -319,11 +319,11 @@ def fit_on_device_rows(n_samples: int = N_BULK) -> list[dict]:
     largest difference of their proportions from the CPU kernels'."""
     from fit_speed import data
 
-    from hpvade.core import _solvers
-    from hpvade.core._solvers import robust_dampened_fit
+    from hpvade.core import _estimator
+    from hpvade.core._estimator import robust_dampened_fit
 
     bulk, signature, start = data(n_samples)
-    served = _solvers.DEVICE_SOLVE_ON
+    served = _estimator.DEVICE_SOLVE_ON
     rows, found = [], {}
     variants = (
         (None, "device", "CPU kernels"),
@@ -331,7 +331,7 @@ def fit_on_device_rows(n_samples: int = N_BULK) -> list[dict]:
         ("cuda", "host", "GPU, solves on the CPU kernels"),
     )
     for device, solve_on, label in variants:
-        _solvers.DEVICE_SOLVE_ON = solve_on
+        _estimator.DEVICE_SOLVE_ON = solve_on
         robust_dampened_fit(bulk[:100], signature, start[:100], device=device)
         runs = []
         for _ in range(2):
@@ -345,7 +345,7 @@ def fit_on_device_rows(n_samples: int = N_BULK) -> list[dict]:
             {"cells": 0, "step": step, "seconds": fastest.seconds, "runs": runs_text(runs)}
         )
         print(f"{step:<60} {fastest.seconds:8.2f} s", flush=True)
-    _solvers.DEVICE_SOLVE_ON = served
+    _estimator.DEVICE_SOLVE_ON = served
     for row, label in zip(rows[1:], [v[2] for v in variants[1:]], strict=True):
         difference = np.abs(found["CPU kernels"] - found[label]).max()
         print(f"largest difference of the proportions, {label}: {difference:.1e}", flush=True)

@@ -46,7 +46,7 @@ from scipy.stats import spearmanr
 from sklearn.isotonic import IsotonicRegression
 
 import hpvade
-from hpvade.core._nnls import weighted_coefficients
+from hpvade.core._robust_kernel import weighted_coefficients
 from hpvade.data._pseudobulk import mix_cells, sample_cell_counts
 
 HERE = Path(__file__).resolve().parent

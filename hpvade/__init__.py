@@ -18,7 +18,7 @@ _MOVED_MODULES = {
     "hpvade._states": "hpvade.core._states",
     "hpvade._estimator": "hpvade.core._estimator",
     "hpvade._signature_fit": "hpvade.core._signature_fit",
-    "hpvade._solvers": "hpvade.core._solvers",
+    "hpvade._solvers": "hpvade.core._estimator",
     "hpvade._intervals": "hpvade.core._intervals",
 }
 for _old, _new in _MOVED_MODULES.items():

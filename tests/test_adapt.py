@@ -6,7 +6,7 @@ import scvi
 from scipy.optimize import nnls
 
 import hpvade
-from hpvade.core._nnls import weighted_nnls
+from hpvade.core._robust_kernel import weighted_nnls
 from hpvade.core._signature_fit import gene_noise_weights
 from hpvade.data._bulk import bulk_to_cpm
 

@@ -51,13 +51,13 @@ def test_terms_of_weight_zero_are_logged_without_a_graph():
 
 
 def test_sample_scores_by_chunks_equal_one_call(monkeypatch):
-    from hpvade.core._scores import sample_scores, unexplained_expression
+    from hpvade.core._diagnostics import sample_scores, unexplained_expression
 
     bulk, signature, truth = _problem(n_samples=30, n_genes=50, n_types=3)
     args = (bulk.double().numpy(), truth.double().numpy(), signature.double().numpy())
-    monkeypatch.setattr("hpvade.core._scores.ROW_BATCH_SIZE", 4)
+    monkeypatch.setattr("hpvade.core._diagnostics.ROW_BATCH_SIZE", 4)
     whole = sample_scores(unexplained_expression, *args)
-    monkeypatch.setattr("hpvade.core._scores.SCORE_CHUNK", 8)
+    monkeypatch.setattr("hpvade.core._diagnostics.SCORE_CHUNK", 8)
     chunked = sample_scores(unexplained_expression, *args)
     assert chunked.shape == (30,) and chunked.dtype == np.float64 and (whole > 0).all()
     np.testing.assert_array_equal(chunked, whole)

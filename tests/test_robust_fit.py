@@ -11,9 +11,9 @@ import torch
 from scipy.stats import spearmanr
 
 import hpvade
+from hpvade.core._diagnostics import unknown_share
+from hpvade.core._estimator import robust_dampened_fit, variance_power
 from hpvade.core._robust_kernel import far_above_fit, median_in_place
-from hpvade.core._solvers import robust_dampened_fit, variance_power
-from hpvade.core._unknown import unknown_share
 
 from .conftest import LABELS
 
@@ -125,7 +125,7 @@ def test_unknown_fraction_does_not_depend_on_the_chunk_size(monkeypatch):
     bulk = fitted * np.exp(rng.normal(0, 0.2, fitted.shape))
     bulk[:, :20] *= 1 + 4 * rng.random(50)[:, None]  # unknown cells' genes, varying share
     whole = unknown_share(bulk, truth, signature)
-    monkeypatch.setattr("hpvade.core._unknown.UNEXPLAINED_CHUNK", 7)
+    monkeypatch.setattr("hpvade.core._diagnostics.UNEXPLAINED_CHUNK", 7)
     np.testing.assert_array_equal(unknown_share(bulk, truth, signature), whole)
     assert (whole > 0).all()
 
@@ -245,7 +245,7 @@ def test_the_faster_robust_fit_gives_the_same_answers(estimate_power, monkeypatc
     (tests/_frozen_robust_fit.py)."""
     from ._frozen_robust_fit import robust_dampened_fit as frozen
 
-    monkeypatch.setattr("hpvade.core._solvers.FIT_CHUNK", 128)  # 300 samples: three chunks
+    monkeypatch.setattr("hpvade.core._estimator.FIT_CHUNK", 128)  # 300 samples: three chunks
 
     rng = np.random.default_rng(1)
     signature = rng.gamma(0.5, 1.0, size=(400, 8)) * 50
@@ -298,7 +298,7 @@ def test_the_robust_fit_by_chunks_of_samples_equals_one_call(monkeypatch):
     signature, truth = _mixtures(rng, n_samples=40)
     bulk = truth @ signature.T * np.exp(rng.normal(0, 0.3, (40, signature.shape[0])))
     whole_coef, whole_weights = robust_dampened_fit(bulk, signature, truth)
-    monkeypatch.setattr("hpvade.core._solvers.FIT_CHUNK", 7)
+    monkeypatch.setattr("hpvade.core._estimator.FIT_CHUNK", 7)
     coef, weights = robust_dampened_fit(bulk, signature, truth)
     # each sample's fit, stopping rules included, is its own: only the blocking of the matrix
     # products differs (measured 7e-16)
@@ -322,7 +322,7 @@ def test_the_robust_fit_in_torch_equals_the_compiled_kernels(estimate_power, dev
     """The accelerator path (``hpvade.core._robust_torch``; on the CPU everywhere, on a GPU where
     there is one) against the compiled kernels: the same rounds, weights, solves and stops
     (measured 3e-15 here; 3.2e-15 on an H200, `benchmarks/results/scale_gpu.md`)."""
-    from hpvade.core import _solvers
+    from hpvade.core import _estimator
     from hpvade.core._robust_torch import robust_fit_torch
 
     rng = np.random.default_rng(11)
@@ -339,14 +339,14 @@ def test_the_robust_fit_in_torch_equals_the_compiled_kernels(estimate_power, dev
             bulk,
             signature,
             start,
-            _solvers.DEFAULT_ROUNDS,
-            _solvers.WEIGHT_CAP,
-            _solvers.TUKEY_CUTOFF,
+            _estimator.DEFAULT_ROUNDS,
+            _estimator.WEIGHT_CAP,
+            _estimator.TUKEY_CUTOFF,
             estimate_power,
             device,
-            _solvers.ROUND_TOLERANCE,
-            (_solvers.ROUND_SWEEPS, _solvers.ROUND_SWEEP_TOLERANCE),
-            (_solvers.VARIANCE_POWER_BINS, *_solvers.VARIANCE_POWER_RANGE),
+            _estimator.ROUND_TOLERANCE,
+            (_estimator.ROUND_SWEEPS, _estimator.ROUND_SWEEP_TOLERANCE),
+            (_estimator.VARIANCE_POWER_BINS, *_estimator.VARIANCE_POWER_RANGE),
             solve_on=solve_on,
         )
         np.testing.assert_allclose(found[0], expected[0], rtol=1e-9, atol=1e-9)
@@ -368,7 +368,7 @@ def test_a_model_on_an_accelerator_fits_there(monkeypatch, trained, test_bulk):
         )
 
     monkeypatch.setattr("hpvade.core._robust_torch.robust_fit_torch", record)
-    monkeypatch.setattr("hpvade.core._solvers.DEVICE_FIT_CHUNK", 3)  # 5 samples: two chunks
+    monkeypatch.setattr("hpvade.core._estimator.DEVICE_FIT_CHUNK", 3)  # 5 samples: two chunks
     assert trained.estimator().device == "cpu"
     trained.get_proportions(test_bulk.copy())
     assert calls == []

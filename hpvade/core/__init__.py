@@ -3,17 +3,16 @@ from bulk samples and the signature S, as numpy / numba / torch functions that n
 
 ``model/`` serves these; each can be called and tested on its own. One concept a module:
 
-- ``_solvers``: the served robust dampened fit and ``proportion_fit``, the one rule for
-  which fit runs;
-- ``_nnls``: exact non-negative least squares with one shared Gram matrix (the robust fit's
-  start; an adapted model's gene-weighted fit);
+- ``_estimator``: ``ProportionEstimator``, the served fit as one object, the robust dampened
+  fit and ``proportion_fit``, the one rule for which fit runs;
 - ``_robust_kernel`` / ``_robust_torch``: the robust fit's rounds compiled for the CPU (numba),
-  and in torch for an accelerator;
-- ``_estimator``: ``ProportionEstimator``, the served fit as one object;
+  with the exact non-negative least squares over a shared Gram matrix (the robust fit's start;
+  an adapted model's gene-weighted fit), and the rounds in torch for an accelerator;
 - ``_signature_fit``: ``adapt``'s numerics (gene noise weights, S re-estimated on a cohort);
 - ``_blockwise``: one block of a cohort deconvolved on its own (Dask's blocks);
-- ``_scores``: per-sample scores of a fit on the Anscombe scale (also the training's bulk loss);
-- ``_unknown``: the share of a sample the reference's types cannot explain;
+- ``_diagnostics``: what a fit says of each sample beyond its proportions: scores on the
+  Anscombe scale (also the training's bulk loss), the share the reference's types cannot
+  explain, and fractions of cells, of RNA or of the whole sample;
 - ``_intervals``: interval maths and the split-conformal scale;
 - ``_states`` / ``_state_evidence``: cell states, each sample's state weights, how far the
   cohort's evidence lets each type follow them;
@@ -29,30 +28,30 @@ from hpvade.core._allocation import (
     split_bulk,
 )
 from hpvade.core._blockwise import BLOCK_SCORES, BlockDeconvolution
-from hpvade.core._estimator import ProportionEstimator
-from hpvade.core._intervals import conformal_scale, interval
-from hpvade.core._nnls import rows_sum_to_one, weighted_nnls
-from hpvade.core._scores import (
+from hpvade.core._diagnostics import (
+    UnknownShareMap,
     anscombe,
     bulk_reconstruction_error,
+    fit_unknown_share_map,
+    fractions_of_kind,
+    rna_to_cell_fractions,
     sample_scores,
     unexplained_expression,
-)
-from hpvade.core._signature_fit import ADAPT_OPTIONS, adapt_to_cohort
-from hpvade.core._solvers import (
-    DEFAULT_ROUNDS,
-    DRAW_ROUNDS,
-    ProportionFit,
-    proportion_fit,
-)
-from hpvade.core._state_evidence import StateEvidence, evidence_weighted_profiles
-from hpvade.core._states import CellStates, cluster_states, state_profiles
-from hpvade.core._unknown import (
-    UnknownShareMap,
-    fit_unknown_share_map,
     unknown_cell_shares,
     whole_sample_fractions,
 )
+from hpvade.core._estimator import (
+    DEFAULT_ROUNDS,
+    DRAW_ROUNDS,
+    ProportionEstimator,
+    ProportionFit,
+    proportion_fit,
+)
+from hpvade.core._intervals import conformal_scale, interval
+from hpvade.core._robust_kernel import rows_sum_to_one, weighted_nnls
+from hpvade.core._signature_fit import ADAPT_OPTIONS, adapt_to_cohort
+from hpvade.core._state_evidence import StateEvidence, evidence_weighted_profiles
+from hpvade.core._states import CellStates, cluster_states, state_profiles
 
 __all__ = [
     "BLOCK_SCORES",
@@ -84,6 +83,8 @@ __all__ = [
     "weighted_nnls",
     "UnknownShareMap",
     "fit_unknown_share_map",
+    "fractions_of_kind",
+    "rna_to_cell_fractions",
     "unknown_cell_shares",
     "whole_sample_fractions",
 ]

@@ -10,10 +10,14 @@ import numpy as np
 import pandas as pd
 from anndata import AnnData
 
+from hpvade.core._diagnostics import (
+    bulk_reconstruction_error,
+    fractions_of_kind,
+    sample_scores,
+    unexplained_expression,
+)
 from hpvade.core._estimator import ProportionEstimator
-from hpvade.core._scores import bulk_reconstruction_error, sample_scores, unexplained_expression
 from hpvade.data._bulk import bulk_to_cpm, on_signature_scale
-from hpvade.data._pseudobulk import fractions_of_kind
 
 #: The columns a block returns after the proportions, in order.
 BLOCK_SCORES = ("unknown_lower_bound", "unknown_fraction", "fit_score", "unexplained_score")

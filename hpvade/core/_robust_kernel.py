@@ -1,6 +1,7 @@
 """Compiled per-sample statistics of the robust fit, one sample per thread: each
-re-weighting round's gene weights and solve (``hpvade.core._solvers.robust_dampened_fit``), and the
-genes far above a sample's fit (``hpvade.core._unknown.unknown_share``).
+re-weighting round's gene weights and solve (``_estimator.robust_dampened_fit``), the genes
+far above a sample's fit (``_diagnostics.unknown_share``), and exact non-negative least squares
+over a shared Gram matrix (the robust fit's start; an adapted model's gene-weighted fit).
 
 In numpy each round would be a dozen passes over a samples × genes array (log ratios, three
 row medians, the biweight, the variance power's bins, the weights), each on one core, and the
@@ -21,6 +22,9 @@ from numba import njit, prange
 
 #: log(x) as log2(x) × ln 2: numba's natural log is several times slower than its log2 here
 LN2 = math.log(2.0)
+#: Tukey biweight cut-off on a gene's log ratio of bulk to fit, in robust standard deviations
+#: (MAD): genes beyond it get weight 0 in that sample's next round.
+TUKEY_CUTOFF = 3.0
 
 
 @njit(cache=True)
@@ -71,7 +75,7 @@ def median_in_place(a):
 
 @njit(cache=True)
 def variance_power_row(bulk, fitted, log_fitted, kept, n_bins, low_power, high_power):
-    """One sample's variance power (see ``hpvade.core._solvers.variance_power``)."""
+    """One sample's variance power (see ``hpvade.core._estimator.variance_power``)."""
     low, high, n_kept = np.inf, -np.inf, 0
     for g in range(bulk.size):
         if kept[g]:
@@ -269,3 +273,89 @@ def round_solve(gram_upper, linear, coef, rows, max_sweeps, sweep_tolerance, mov
             size += abs(coef[i, k])
             coef[i, k] = new[k]
         moved[j] = change / max(size, 1e-300)
+
+
+# ---------------------------------------------- exact NNLS over a shared Gram matrix
+# The robust fit's unweighted start, and the gene-weighted fit of an adapted model (and of
+# adapt's proportion step), solved by round_solve one sample per thread.
+
+
+def solve_shared(
+    gram: np.ndarray,
+    linear: np.ndarray,
+    coef: np.ndarray,
+    max_sweeps: int = 2000,
+    tolerance: float = 1e-10,
+) -> np.ndarray:
+    """``min_c c' G c / 2 - l' c`` with ``c >= 0`` for every sample, all sharing one types ×
+    types ``gram``, warm-started at ``coef`` (modified and returned): the robust fit's
+    compiled coordinate descent (:func:`hpvade.core._robust_kernel.round_solve`), each sample
+    stopping on its own ``tolerance``."""
+    upper = np.triu_indices(gram.shape[0])
+    shared = np.tile(gram[upper], (coef.shape[0], 1))
+    moved = np.empty(coef.shape[0])
+    rows = np.arange(coef.shape[0])
+    round_solve(shared, np.ascontiguousarray(linear), coef, rows, max_sweeps, tolerance, moved)
+    return coef
+
+
+def scaled_start(initial: np.ndarray, gram: np.ndarray, linear: np.ndarray) -> np.ndarray:
+    """``initial`` (proportions) times the best total for each sample, clipped at 0."""
+    coef = np.array(initial, dtype=float, copy=True)
+    curvature = (
+        np.einsum("sk,skl,sl->s", coef, gram, coef)
+        if gram.ndim == 3
+        else np.einsum("sk,kl,sl->s", coef, gram, coef)
+    )
+    coef *= (np.einsum("sk,sk->s", coef, linear) / np.maximum(curvature, 1e-300))[:, None]
+    return np.clip(coef, 0.0, None, out=coef)
+
+
+def unweighted_start(bulk: np.ndarray, signature: np.ndarray, initial) -> np.ndarray:
+    """The robust fit's first estimate (samples × types coefficients): unweighted
+    non-negative least squares, every sample sharing one Gram matrix, warm-started at
+    ``initial`` (proportions) scaled to each sample's best total, or at 0."""
+    gram = signature.T @ signature
+    linear = bulk @ signature
+    if initial is None:
+        coef = np.zeros((bulk.shape[0], signature.shape[1]))
+    else:
+        coef = scaled_start(initial, gram, linear)
+    return solve_shared(gram, linear, coef)
+
+
+def weighted_nnls(
+    bulk: np.ndarray,
+    signature: np.ndarray,
+    gene_weights: np.ndarray,
+    initial: np.ndarray | None = None,
+    max_sweeps: int = 2000,
+    tolerance: float = 1e-10,
+) -> np.ndarray:
+    """Per-sample ``min_p sum_g w_g (b_g - (S p)_g)^2`` with ``p >= 0``, rescaled to sum to 1.
+
+    Every sample shares the types × types Gram matrix ``S.T W S``; each is solved by exact
+    coordinate descent (compiled, one sample per thread). ``initial`` (proportions)
+    warm-starts it.
+    """
+    coef = weighted_coefficients(bulk, signature, gene_weights, initial, max_sweeps, tolerance)
+    return rows_sum_to_one(coef)
+
+
+def weighted_coefficients(
+    bulk, signature, gene_weights, initial=None, max_sweeps=2000, tolerance=1e-10
+):
+    """The unnormalised coefficients of :func:`weighted_nnls`."""
+    weighted = signature * gene_weights[:, None]
+    gram = signature.T @ weighted
+    linear = bulk @ weighted
+    if initial is None:
+        initial = np.full((bulk.shape[0], signature.shape[1]), 1.0 / signature.shape[1])
+    start = scaled_start(initial, gram, linear)
+    return solve_shared(gram, linear, start, max_sweeps, tolerance)
+
+
+def rows_sum_to_one(coef: np.ndarray) -> np.ndarray:
+    """Rescale rows to sum to 1; an all-zero row becomes uniform."""
+    totals = coef.sum(axis=1, keepdims=True)
+    return np.divide(coef, totals, out=np.full_like(coef, 1 / coef.shape[1]), where=totals > 0)

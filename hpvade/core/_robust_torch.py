@@ -1,4 +1,4 @@
-"""The robust fit (``hpvade.core._solvers.robust_dampened_fit``) in torch, batched over
+"""The robust fit (``hpvade.core._estimator.robust_dampened_fit``) in torch, batched over
 samples, for a model on a GPU: the same rounds, weights, solves and stops as the compiled CPU
 kernels (``hpvade.core._robust_kernel``), each step one tensor operation over every active sample.
 
@@ -14,7 +14,7 @@ import math
 import numpy as np
 import torch
 
-from hpvade.core._nnls import unweighted_start
+from hpvade.core._robust_kernel import unweighted_start
 
 #: log(x) as log2(x) × ln 2, as the compiled kernels compute it
 LN2 = math.log(2.0)

@@ -14,9 +14,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from hpvade.core._estimator import ProportionEstimator
-from hpvade.core._nnls import weighted_nnls
-from hpvade.core._solvers import DEFAULT_ROUNDS
+from hpvade.core._estimator import DEFAULT_ROUNDS, ProportionEstimator
+from hpvade.core._robust_kernel import weighted_nnls
 
 logger = logging.getLogger(__name__)
 

@@ -95,35 +95,6 @@ def mean_per_type(values: np.ndarray, codes: np.ndarray, n_types: int) -> np.nda
     return np.bincount(codes, weights=values, minlength=n_types) / np.maximum(sizes, 1)
 
 
-def rna_to_cell_fractions(rna: np.ndarray, content: np.ndarray) -> np.ndarray:
-    """RNA fractions (samples × types) to cell fractions: divide by each type's RNA content
-    (mean counts per cell), renormalise."""
-    cells = rna / np.maximum(np.asarray(content, dtype=float), 1e-12)
-    return cells / cells.sum(axis=1, keepdims=True)
-
-
-def with_unknown_content(
-    rna: np.ndarray, unknown_rna: np.ndarray, content: np.ndarray
-) -> np.ndarray:
-    """The cell share of content of unknown type, from its RNA share, counting its cells with
-    the known types' mean RNA content (``rna``: known types' RNA fractions, rows sum to 1)."""
-    known_cells = (rna * (1.0 - unknown_rna)[:, None] / content).sum(axis=1)
-    unknown_cells = unknown_rna / float(np.mean(content))
-    total = known_cells + unknown_cells
-    return np.divide(unknown_cells, total, out=np.zeros_like(total), where=total > 0)
-
-
-def fractions_of_kind(
-    mixture: np.ndarray, kind: str, content: np.ndarray | None, unknown_rna: np.ndarray
-) -> tuple[np.ndarray, np.ndarray]:
-    """Mixture (RNA) fractions as fractions of ``kind`` (cells where the RNA ``content`` is
-    known), and the unknown share of each sample in the same units, from its RNA share."""
-    unknown = np.clip(unknown_rna, 0.0, 1.0)
-    if kind == "rna" or content is None:
-        return mixture, unknown
-    return rna_to_cell_fractions(mixture, content), with_unknown_content(mixture, unknown, content)
-
-
 def mix_cells(
     adata: AnnData,
     counts: sp.csr_matrix,

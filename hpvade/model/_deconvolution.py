@@ -23,6 +23,7 @@ from hpvade.core import (
     ProportionEstimator,
     ProportionFit,
     bulk_reconstruction_error,
+    fractions_of_kind,
     interval,
     sample_scores,
     unexplained_expression,
@@ -32,7 +33,6 @@ from hpvade.core import (
 from hpvade.data._bulk import as_bulk_anndata, measured_unknown_share
 from hpvade.data._labels import indicator_matrix
 from hpvade.data._matrix import get_matrix, is_dask_array
-from hpvade.data._pseudobulk import fractions_of_kind
 
 logger = logging.getLogger(__name__)
 
