@@ -36,7 +36,7 @@ from variants import VARIANTS
 
 import hpvade
 from hpvade.core import rna_to_cell_fractions
-from hpvade.data._pseudobulk import cpm_rows
+from hpvade.data._matrix import cpm_rows
 
 HERE = Path(__file__).resolve().parent
 DATA = HERE / "data" / "real"  # vendored copy of the project's shared real data (data/README.md)

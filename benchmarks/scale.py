@@ -198,8 +198,8 @@ def fixed_costs(model: hpvade.HPVADE) -> tuple[Measure, Measure]:
     the intervals calibrate on their first use)."""
     cells = np.arange(model.adata.n_obs)
     with Measure() as pools:
-        model._simulate_pool(cells, 4000, 500, 1.0, 0)
-        model._simulate_pool(cells, 800, 500, 1.0, 1)
+        model.simulator.pool(cells, 4000, 0)  # train's pseudobulk settings: 500 cells, alpha 1
+        model.simulator.pool(cells, 800, 1)
     model.signature_ratios_ = None
     with Measure() as calibration:
         model.calibrate_unexplained()

@@ -47,6 +47,7 @@ from sklearn.isotonic import IsotonicRegression
 
 import hpvade
 from hpvade.core._robust_kernel import weighted_coefficients
+from hpvade.data._bulk import prepare_bulk
 from hpvade.data._pseudobulk import mix_cells, sample_cell_counts
 
 HERE = Path(__file__).resolve().parent
@@ -139,7 +140,10 @@ def readings(model: hpvade.HPVADE, bulk: ad.AnnData) -> dict:
         warnings.simplefilter("always")
         model.get_proportions(served)
     warned = any("not explained by the reference" in str(w.message) for w in caught)
-    cpm, found, _ = model._bulk_cpm(bulk.copy(), None, allow_missing=True)
+    estimator = model.estimator()
+    genes = (model.var_names, estimator.signature, estimator.fit_genes, model.selected_genes_)
+    prepared = prepare_bulk(bulk.copy(), None, *genes)
+    cpm, found = prepared.cpm, prepared.found
     signature = model.get_signature().to_numpy()
     fit, unexplained = (served.obs[f"hpvade_{k}"] for k in ("fit_score", "unexplained_score"))
     return {

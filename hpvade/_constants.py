@@ -27,21 +27,3 @@ ESTIMATOR_KEY = "hpvade_estimator"
 
 #: Names of the loss terms, as logged (``<name>_train`` / ``<name>_validation``).
 LOSS_TERMS = ("reconstruction_loss", "kl_local", "prototype_loss", "bulk_loss", "proportion_loss")
-
-
-def result_keys(key_added: str) -> dict[str, str]:
-    """The keys ``get_proportions`` writes besides ``obsm[key_added]``: the names of
-    the keys above with ``key_added``'s prefix (``key_added`` without a
-    ``"_proportions"`` suffix) in place of ``"hpvade"``."""
-    prefix = key_added.removesuffix("_proportions")
-    keys = {
-        "unknown_fraction": UNKNOWN_FRACTION_KEY,
-        "unknown_lower_bound": UNKNOWN_LOWER_BOUND_KEY,
-        "unknown_map": UNKNOWN_MAP_KEY,
-        "fit_score": FIT_SCORE_KEY,
-        "unexplained_score": UNEXPLAINED_SCORE_KEY,
-        "unexplained": UNEXPLAINED_KEY,
-        "gene_report": GENE_REPORT_KEY,
-        "estimator": ESTIMATOR_KEY,
-    }
-    return {name: prefix + key.removeprefix("hpvade") for name, key in keys.items()}

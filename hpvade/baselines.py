@@ -10,7 +10,8 @@ from scipy.optimize import nnls
 from hpvade.core import rna_to_cell_fractions, rows_sum_to_one
 from hpvade.data._genes import wilcoxon_markers
 from hpvade.data._labels import get_label_codes
-from hpvade.data._pseudobulk import cell_totals, cpm_rows, mean_per_type
+from hpvade.data._matrix import cpm_rows
+from hpvade.data._pseudobulk import cell_totals, mean_per_type
 from hpvade.data._signature import build_signature, scale_columns_to_cpm
 
 __all__ = [

@@ -30,7 +30,7 @@ def main(out: Path) -> None:
     model = hpvade.HPVADE(reference)
     # a batch size that leaves each process one cell in its last batch, which BatchNorm
     # cannot take: train() must drop it in every process
-    n_train = stratified_split(model._label_codes(), 0.9, np.random.default_rng(0))[0].size
+    n_train = stratified_split(model.simulator.codes, 0.9, np.random.default_rng(0))[0].size
     batch_size = math.ceil(n_train / 2) - 1
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

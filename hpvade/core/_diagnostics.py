@@ -271,12 +271,12 @@ def whole_sample_fractions(
 
 
 def unknown_cell_shares(
-    score: np.ndarray, measured: np.ndarray
+    score: np.ndarray, measured: np.ndarray, stacklevel: int = 2
 ) -> tuple[np.ndarray, UnknownShareMap | None]:
     """Each sample's share of cells the reference lacks: the ``measured`` one, and for the
     samples where it is NaN the share the score's map reads (:func:`fit_unknown_share_map`,
     fitted on the measured samples), where that map does better than the cohort mean.
-    Where it does not, those samples stay NaN, with a warning.
+    Where it does not, those samples stay NaN, with a warning (``stacklevel``: its line).
 
     Returns
     -------
@@ -300,7 +300,7 @@ def unknown_cell_shares(
             UserWarning,
             # the user's line: past this function, the model's helper, get_proportions and
             # its keyword wrapper (a test checks)
-            stacklevel=5,
+            stacklevel=stacklevel,
         )
     return share, fitted
 

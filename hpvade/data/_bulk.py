@@ -2,21 +2,25 @@
 
 from __future__ import annotations
 
+import logging
 import re
+import warnings
+from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 from anndata import AnnData
 
-from hpvade._constants import CPM_SCALE
-from hpvade.data._matrix import check_finite_non_negative, get_matrix
-from hpvade.data._pseudobulk import cpm_rows
+from hpvade._constants import CPM_SCALE, GENE_REPORT_KEY
+from hpvade.data._matrix import check_finite_non_negative, cpm_rows, get_matrix
 
 #: Non-integer data whose maximum stays below this is taken as log-transformed.
 #: log1p(1e6) ≈ 13.8 and log2(1e6 + 1) ≈ 19.9, while linear counts or CPM of any real
 #: sample reach thousands.
 LOG_SCALE_MAX = 50.0
+
+logger = logging.getLogger(__name__)
 
 
 def looks_log_transformed(values: np.ndarray) -> bool:
@@ -256,3 +260,112 @@ def measured_unknown_share(bulk: AnnData, share, cell_types, column: str) -> np.
             "`unknown_share` adds: rename it in the reference's labels."
         )
     return values
+
+
+#: A bulk may lack this share of the fit genes before a warning (the fit uses the rest).
+MISSING_SELECTED_WARN = 0.1
+#: Fewest fit genes a bulk must have, per cell type, to be deconvolved.
+MIN_FIT_GENES_PER_TYPE = 3
+
+
+@dataclass(frozen=True)
+class PreparedBulk:
+    """A bulk as every path that takes one sees it (:func:`prepare_bulk`).
+
+    Attributes
+    ----------
+    cpm
+        CPM on the model's genes (samples × genes; genes the bulk lacks are 0), on the
+        signature's scale.
+    found
+        Which of the model's genes the bulk has.
+    report
+        How its genes met the model's (:func:`gene_report`; written to ``uns`` by
+        ``get_proportions``).
+    """
+
+    cpm: np.ndarray
+    found: np.ndarray
+    report: dict
+
+
+def prepare_bulk(
+    bulk: AnnData,
+    layer: str | None,
+    genes: pd.Index,
+    signature: np.ndarray,
+    fit_genes: np.ndarray,
+    selected: pd.Index | None,
+    stacklevel: int = 2,
+) -> PreparedBulk:
+    """The checks and the CPM every model path that takes a bulk shares: the genes' names
+    first, then their values.
+
+    Parameters
+    ----------
+    bulk
+        Bulk samples (an AnnData; not a view, since results are written to it).
+    layer
+        Layer with the values; ``None``: ``X``.
+    genes, signature, fit_genes
+        The model's genes, its served S (genes × types) and which genes the fit uses.
+    selected
+        The model's selected genes, in their order (for the report; ``None``: all).
+    stacklevel
+        Of the warning on missing fit genes, counted from this function (2: its caller).
+    """
+    if bulk.is_view:
+        raise ValueError(
+            "`bulk` is a view of another AnnData; results are written to its obsm and obs. "
+            "Pass a copy: `bulk = bulk[mask].copy()`."
+        )
+    found = np.asarray(genes.isin(bulk.var_names))
+    if not found.all():
+        check_fit_genes(bulk, genes, fit_genes, found, signature.shape[1], stacklevel + 1)
+    cpm = bulk_to_cpm(bulk, genes, layer, allow_missing=True)
+    report = gene_report(bulk, genes, cpm, selected)
+    on_signature_scale(cpm, signature, found)
+    logger.info(
+        "Genes: %d of %d reference genes found, %d extra bulk genes ignored, %d reference "
+        "genes zero in every sample.",
+        report["n_found"],
+        report["n_reference_genes"],
+        report["n_extra_ignored"],
+        report["n_all_zero"],
+    )
+    return PreparedBulk(cpm, found, report)
+
+
+def check_fit_genes(
+    bulk: AnnData,
+    genes: pd.Index,
+    fit_genes: np.ndarray,
+    found: np.ndarray,
+    n_types: int,
+    stacklevel: int = 2,
+) -> None:
+    """Refuse a bulk with fewer than ``MIN_FIT_GENES_PER_TYPE`` fit genes a type (naming the
+    likely fix); warn when it lacks more than ``MISSING_SELECTED_WARN`` of them."""
+    n_selected = int(fit_genes.sum())
+    n_used = int((fit_genes & found).sum())
+    needed = MIN_FIT_GENES_PER_TYPE * n_types
+    if n_used < needed:
+        raise ValueError(
+            f"The bulk has {n_used} of the model's {n_selected} selected genes; at least "
+            f"{needed} ({MIN_FIT_GENES_PER_TYPE} a cell type) are needed. The model's genes "
+            f"are e.g. {genes[:3].tolist()}, the bulk's var_names e.g. "
+            f"{bulk.var_names[:3].tolist()}."
+            + (
+                gene_mismatch_hint(bulk, genes)
+                or " Name the bulk's genes as the reference's are, or train a model on the "
+                "genes the bulk has."
+            )
+        )
+    if n_used < (1 - MISSING_SELECTED_WARN) * n_selected:
+        warnings.warn(
+            f"The bulk lacks {n_selected - n_used} of the model's {n_selected} selected genes "
+            f'(see bulk.uns["{GENE_REPORT_KEY}"]["selected_missing"]); the proportions are '
+            "fitted on the rest.",
+            UserWarning,
+            stacklevel=stacklevel,
+        )

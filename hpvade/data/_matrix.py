@@ -8,6 +8,8 @@ import numpy as np
 import scipy.sparse as sp
 from anndata import AnnData
 
+from hpvade._constants import CPM_SCALE
+
 #: Rows per chunk when streaming a reference: bounds the extra memory of a linear-scale copy.
 DEFAULT_CHUNK_SIZE = 50_000
 
@@ -95,3 +97,17 @@ def check_finite_non_negative(values: np.ndarray, where: str, expected: str) -> 
 def is_dask_array(matrix) -> bool:
     """Whether ``matrix`` is a Dask array (without importing Dask where it is not in use)."""
     return type(matrix).__module__.startswith("dask.")
+
+
+def cpm_rows(matrix: np.ndarray, inplace: bool = False) -> np.ndarray:
+    """Scale each row to sum to 1e6 (in place when ``inplace``, saving a large copy)."""
+    totals = matrix.sum(axis=1, keepdims=True)
+    if np.any(totals <= 0):
+        raise ValueError(
+            f"{int((totals <= 0).sum())} samples have zero total expression and cannot be "
+            "CPM-normalised. Remove all-zero samples."
+        )
+    if inplace:
+        matrix /= totals / CPM_SCALE
+        return matrix
+    return matrix / (totals / CPM_SCALE)

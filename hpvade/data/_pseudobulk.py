@@ -12,13 +12,12 @@ from anndata import AnnData
 
 from hpvade._compat import renamed_keywords
 from hpvade._constants import (
-    CPM_SCALE,
     PSEUDOBULK_PROPORTIONS_KEY,
     PSEUDOBULK_RNA_PROPORTIONS_KEY,
 )
 from hpvade.data._kernels import add_sampled_rows
 from hpvade.data._labels import get_label_codes
-from hpvade.data._matrix import DEFAULT_CHUNK_SIZE, iter_row_chunks, to_linear
+from hpvade.data._matrix import DEFAULT_CHUNK_SIZE, cpm_rows, iter_row_chunks, to_linear
 from hpvade.data._validation import resolve_counts_layer, validate_input
 
 logger = logging.getLogger(__name__)
@@ -120,20 +119,6 @@ def mix_cells(
         else:
             mixed += drawn @ linear
     return mixed
-
-
-def cpm_rows(matrix: np.ndarray, inplace: bool = False) -> np.ndarray:
-    """Scale each row to sum to 1e6 (in place when ``inplace``, saving a large copy)."""
-    totals = matrix.sum(axis=1, keepdims=True)
-    if np.any(totals <= 0):
-        raise ValueError(
-            f"{int((totals <= 0).sum())} samples have zero total expression and cannot be "
-            "CPM-normalised. Remove all-zero samples."
-        )
-    if inplace:
-        matrix /= totals / CPM_SCALE
-        return matrix
-    return matrix / (totals / CPM_SCALE)
 
 
 @renamed_keywords(

@@ -14,7 +14,7 @@ from scvi import settings
 from hpvade._compat import renamed_keywords
 from hpvade._random import default_rng
 from hpvade.core import ADAPT_OPTIONS, ProportionEstimator, adapt_to_cohort
-from hpvade.data._bulk import as_bulk_anndata
+from hpvade.data._bulk import as_bulk_anndata, prepare_bulk
 from hpvade.model._fitted_state import reset_fitted_state
 
 logger = logging.getLogger(__name__)
@@ -124,7 +124,18 @@ class AdaptationMixin:
         unadapted and the adapted S), sample counts and the settings.
         """
         settings_given = dict(locals())  # adapt's numerical settings, kept in adaptation_
-        cpm, found, _ = self._bulk_cpm(as_bulk_anndata(bulk), layer, allow_missing=True)
+        self._check_if_trained(warn=False, message=self._not_trained_message)
+        served = self.estimator()
+        prepared = prepare_bulk(
+            as_bulk_anndata(bulk),
+            layer,
+            self.var_names,
+            served.signature,
+            served.fit_genes,
+            self.selected_genes_,
+            stacklevel=settings.warnings_stacklevel + 2,  # the user's line
+        )
+        cpm, found = prepared.cpm, prepared.found
         if cpm.shape[0] < MIN_ADAPT_SAMPLES:
             raise ValueError(
                 f"adapt needs at least {MIN_ADAPT_SAMPLES} bulk samples, got {cpm.shape[0]}: it "

@@ -56,9 +56,9 @@ class CalibrationMixin:
             # cohorts of the adapted cohort's size (adapt's prior depends on it), 2-4 of them
             cohort = int(np.clip(self.adaptation_["n_samples"], 20, n_pseudobulk))
             n_splits = int(np.clip(np.ceil(ADAPTED_CALIBRATION_PSEUDOBULKS / cohort), 2, 4))
-            splits = self._half_split_pseudobulks(cohort, rng, n_splits)
+            splits = self.simulator.half_splits(cohort, rng, n_splits)
         else:
-            splits = self._half_split_pseudobulks(n_pseudobulk, rng)
+            splits = self.simulator.half_splits(n_pseudobulk, rng)
         for signature, cpm, truth in splits:
             initial = self.module.predict_proportions(cpm)
             half = ProportionEstimator(signature, fit_genes)
@@ -210,16 +210,17 @@ class CalibrationMixin:
         the ratio of each draw's profiles to the mean over draws perturbs S. The encoder runs
         once; decoding and aggregation stay in float32 on the module's device.
         """
-        self._require_reference("Signature draws")
-        codes = self._label_codes()
+        simulator = self.simulator  # the reference's cells
+        codes = simulator.codes
         n_types = self.summary_stats.n_labels
-        members = self._cells_by_type(MAX_CELLS_PER_TYPE_FOR_DRAWS, rng)
+        members = simulator.cells_by_type(MAX_CELLS_PER_TYPE_FOR_DRAWS, rng)
         subset = np.concatenate(members)
         sub_codes = codes[subset]
         starts = np.concatenate([[0], np.cumsum([m.size for m in members])[:-1]])
         device = self.module.device
         # each cell's share of its type's aggregate: its total linear expression
-        weights = torch.as_tensor(self._cell_totals()[subset], dtype=torch.float32, device=device)
+        totals = simulator.cell_totals()[subset]
+        weights = torch.as_tensor(totals, dtype=torch.float32, device=device)
         self.module.eval()
         loader = self._make_data_loader(adata=self.adata, indices=subset, batch_size=1024)
         posteriors = []

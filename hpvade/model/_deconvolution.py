@@ -1,19 +1,34 @@
-"""Serving proportions: ``get_proportions`` and the per-sample scores written with them."""
+"""Serving proportions: ``get_proportions`` (the walk of a bulk: validate, prepare, fit,
+diagnose, write; backed bulks a chunk at a time, Dask-backed ones a block at a time), the
+estimator it serves, and ``write_proportions``."""
 
 from __future__ import annotations
 
 import logging
 import warnings
+from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
 import pandas as pd
+import torch
 from anndata import AnnData
 from scvi import settings
 from scvi.utils import track
 
 from hpvade._compat import renamed_keywords
-from hpvade._constants import PROPORTIONS_KEY, UNKNOWN_COLUMN, result_keys
+from hpvade._constants import (
+    ESTIMATOR_KEY,
+    FIT_SCORE_KEY,
+    GENE_REPORT_KEY,
+    PROPORTIONS_KEY,
+    UNEXPLAINED_KEY,
+    UNEXPLAINED_SCORE_KEY,
+    UNKNOWN_COLUMN,
+    UNKNOWN_FRACTION_KEY,
+    UNKNOWN_LOWER_BOUND_KEY,
+    UNKNOWN_MAP_KEY,
+)
 from hpvade._logging import interactive_output
 from hpvade.core import (
     BLOCK_SCORES,
@@ -30,7 +45,12 @@ from hpvade.core import (
     unknown_cell_shares,
     whole_sample_fractions,
 )
-from hpvade.data._bulk import as_bulk_anndata, measured_unknown_share
+from hpvade.data._bulk import (
+    as_bulk_anndata,
+    check_fit_genes,
+    measured_unknown_share,
+    prepare_bulk,
+)
 from hpvade.data._labels import indicator_matrix
 from hpvade.data._matrix import get_matrix, is_dask_array
 
@@ -48,8 +68,40 @@ BACKED_CHUNK_VALUES = 20_000_000
 SET_ASIDE_REPORTED = 0.5
 
 
+def result_keys(key_added: str) -> dict[str, str]:
+    """The keys ``get_proportions`` writes besides ``obsm[key_added]``: the names of
+    the keys above with ``key_added``'s prefix (``key_added`` without a
+    ``"_proportions"`` suffix) in place of ``"hpvade"``."""
+    prefix = key_added.removesuffix("_proportions")
+    keys = {
+        "unknown_fraction": UNKNOWN_FRACTION_KEY,
+        "unknown_lower_bound": UNKNOWN_LOWER_BOUND_KEY,
+        "unknown_map": UNKNOWN_MAP_KEY,
+        "fit_score": FIT_SCORE_KEY,
+        "unexplained_score": UNEXPLAINED_SCORE_KEY,
+        "unexplained": UNEXPLAINED_KEY,
+        "gene_report": GENE_REPORT_KEY,
+        "estimator": ESTIMATOR_KEY,
+    }
+    return {name: prefix + key.removeprefix("hpvade") for name, key in keys.items()}
+
+
+@dataclass(frozen=True)
+class _Request:
+    """What a ``get_proportions`` call asked for, carried along its walk."""
+
+    layer: str | None
+    key_added: str
+    batch_size: int
+    rounds: int  # 0: the network's output as is
+    kind: str
+    n_draws: int
+    use_states: bool
+    unknown_content: float
+
+
 class DeconvolutionMixin:
-    """``get_proportions``, ``get_signature`` and what they write on the bulk AnnData."""
+    """``get_proportions``, the estimator it serves, and what it writes on the bulk."""
 
     @renamed_keywords("0.3", "0.4", state_aware="use_states")
     def get_proportions(
@@ -66,170 +118,161 @@ class DeconvolutionMixin:
         unknown_share: np.ndarray | pd.Series | str | None = None,
         unknown_content: float = 1.0,
     ) -> pd.DataFrame:
-        """Estimate cell-type proportions of bulk samples, optionally with 90 % intervals.
+        """Estimate the cell-type proportions of bulk samples (docs: "Proportions of a new bulk").
 
         Parameters
         ----------
         bulk
-            Bulk samples (samples × genes) on a linear scale (raw counts, CPM or TPM): an
-            AnnData, or a DataFrame with genes as columns (then only the returned DataFrame
-            carries results). Genes are matched by name; extra genes are ignored. A bulk that
-            lacks some of the model's genes is fitted on the selected genes it has (a warning
-            above 10 % of them missing; an error below 3 a cell type). A bulk opened with
-            ``anndata.read_h5ad(path, backed="r")`` is read and deconvolved a chunk of samples
-            at a time, so memory stays bounded whatever its size (a progress bar in a terminal
-            or notebook); the unknown fraction and the gene report are then each chunk's (the
-            report: the first's). A bulk whose values are a Dask array (e.g. read lazily from
-            zarr or h5ad) is deconvolved block by block of samples as Dask schedules it: its
-            threaded scheduler, or the ``distributed`` client you have open; the proportions
-            equal the in-memory ones, the unknown-content score is each block's, and intervals,
-            ``use_states`` and ``unknown_share`` need the bulk in memory.
+            Samples × genes on a linear scale (counts, CPM, TPM): an AnnData (in memory,
+            backed, or Dask-backed) or a DataFrame. Genes are matched by name.
         layer
-            Layer of ``bulk`` with the values; ``None`` uses ``bulk.X``.
+            Layer with the values; ``None``: ``bulk.X``.
         key_added
-            Key of ``bulk.obsm`` for the proportions; the other keys written (Notes) share its
-            prefix (``"model2"`` writes ``obs["model2_fit_score"]``): calls never overwrite.
+            ``obsm`` key of the proportions; the other keys written share its prefix.
         batch_size
-            Samples per forward pass of the network; defaults to 1024.
+            Samples per forward pass of the network (1024).
         method
-            ``"fit"`` (default): the network's output starts the robust fit of each sample to S
-            (:meth:`estimator`; after :meth:`adapt`, the exact fit adapt made S with).
-            ``"network"``: the deconvolution network's output as is.
+            ``"fit"``: the robust fit of each sample to S (:meth:`estimator`), started from
+            the network's output; ``"network"``: the network's output as is.
         n_rounds
-            Re-weighting rounds of the robust fit (the adapted fit is exact and ignores it).
+            Re-weighting rounds of the robust fit.
         kind
-            ``"cell"`` (default): fractions of cells; ``"rna"``: of the sample's RNA. With a
-            registered count layer, cell fractions are RNA fractions over each type's RNA
-            content (``rna_content_``), renormalised; without one both kinds are the same.
+            ``"cell"``: fractions of cells; ``"rna"``: of the sample's RNA.
         n_draws
-            Signature draws for 90 % intervals (0: none; 20 is a good default): S perturbed by
-            its profiles' variation under the VAE posterior and refitted. Their standard
-            deviation goes to ``obsm[key_added + "_std"]``, the intervals (scaled by
-            ``interval_scale_``, calibrated once by :meth:`calibrate_uncertainty`) to
-            ``obsm[key_added + "_lower"]`` and ``obsm[key_added + "_upper"]``.
-        unknown_share
-            The share of each sample's cells that the reference lacks, where you know it
-            (tumour purity from histology, neutrophils from a blood count): an array (one
-            value a sample), a Series indexed by ``bulk.obs_names`` or the name of a
-            ``bulk.obs`` column; NaN where not measured. The result is then fractions of the
-            whole sample, with an ``"unknown"`` column. Cell fractions are exact (the known
-            types' fractions times ``1 - share``); RNA fractions need the unknown cells' RNA
-            content (``unknown_content``). Unmeasured samples are read from
-            ``obs["hpvade_unknown_lower_bound"]`` by a line fitted on the measured ones (at
-            least 5), kept in ``uns["hpvade_unknown_map"]`` with its leave-one-out error and
-            the cohort mean's; where the line does no better than the cohort mean, they get
-            NaN rows and a warning. The reference alone cannot tell this share
-            (docs page "Real bulk data").
-        unknown_content
-            RNA per unknown cell, relative to the mean of the reference types' contents
-            (``kind="rna"`` with ``unknown_share`` only). Tumour cells often hold more
-            (2 doubles the unknown RNA share a given cell share implies).
+            Signature draws for 90 % intervals (0: none; 20 is a good default).
         use_states
-            Fit the bulk with every cell state (:meth:`cell_states`) as a column of S, summed
-            by type. Off by default: no gain on real bulk (docs page "The model and its losses").
+            Fit with every cell state (:meth:`cell_states`) as a column of S.
+        unknown_share, unknown_content
+            The share of each sample's cells the reference lacks, where you know it (array,
+            Series or ``obs`` column; NaN: not measured), and their relative RNA content:
+            the result is then fractions of the whole sample, with an ``"unknown"`` column.
 
         Returns
         -------
-        DataFrame (samples × cell types); rows sum to 1. Also written to ``bulk.obsm[key_added]``.
-
-        Notes
-        -----
-        Also written to ``bulk`` (keys for the default ``key_added``):
-
-        - ``obs["hpvade_unknown_lower_bound"]``: content the reference's types do not
-          explain (e.g. neutrophils in PBMC bulk against a PBMC reference), as a share of
-          the sample's RNA: the expression in genes the fit falls far short of in at least
-          half of the samples deconvolved together and that rise and fall together. It ranks
-          the samples of one call (deconvolve a cohort in one call) and is a lower bound:
-          the missing cells also express genes the known types explain, so it reads far
-          below their share. Not a fraction to report: pass ``unknown_share`` for that.
-          ``obs["hpvade_unknown_fraction"]``, its old name (in the units of ``kind``), is
-          written until 0.4.
-        - ``obs["hpvade_fit_score"]``: mean over genes of the squared difference between
-          ``anscombe(p @ S.T)`` and ``anscombe(bulk)`` (0 = perfectly explained).
-        - ``obs["hpvade_unexplained_score"]``: the same with only the expression that
-          ``p @ S.T`` falls short of (positive residuals), and ``obs["hpvade_unexplained"]``:
-          whether it exceeds ``unexplained_threshold_``, calibrated on pseudobulks from the
-          reference (see :meth:`calibrate_unexplained`). A warning names how many samples are
-          flagged.
-        - ``uns["hpvade_gene_report"]``: reference genes found, missing, extra and all-zero;
-          the fitted genes used and lacked; ``set_aside_genes``, those the robust fit set
-          aside in at least half of the samples (protocol-distorted, or from missing cells).
-        - ``uns["hpvade_estimator"]``: the fit that produced the proportions.
+        DataFrame (samples × cell types), rows summing to 1; also in ``bulk.obsm[key_added]``.
+        The scores, flag and report written beside it: docs, "What get_proportions writes".
         """
         if kind not in ("cell", "rna"):
             raise ValueError(f'`kind` must be "cell" or "rna", got {kind!r}.')
         if method not in ("fit", "network"):
             raise ValueError(f'`method` must be "fit" or "network", got {method!r}.')
+        self._check_if_trained(warn=False, message=self._not_trained_message)
         rounds = n_rounds if method == "fit" else 0
-        keys = result_keys(key_added)
+        request = _Request(layer, key_added, batch_size or DEFAULT_BATCH_SIZE, rounds, kind,
+                           n_draws, use_states, unknown_content)  # fmt: skip
         bulk = as_bulk_anndata(bulk)
-        if is_dask_array(bulk.X if layer is None else bulk.layers[layer]):
+        if is_dask_array(get_matrix(bulk, layer)):
             if n_draws or use_states or unknown_share is not None:
                 raise ValueError(
                     "A Dask-backed bulk is deconvolved block by block with the default fit: "
                     "`n_draws`, `use_states` and `unknown_share` need it in memory "
                     "(`bulk = bulk.to_memory()`, or deconvolve a subset)."
                 )
-            return self._proportions_by_dask(bulk, layer, key_added, kind, rounds, batch_size)
+            return self._proportions_by_dask(bulk, request)
         if bulk.isbacked:
-            options = {"layer": layer, "key_added": key_added, "batch_size": batch_size,
-                       "method": method, "n_rounds": n_rounds, "kind": kind,
-                       "n_draws": n_draws, "use_states": use_states}  # fmt: skip
             if unknown_share is not None:
                 raise ValueError(
                     "`unknown_share` needs the bulk in memory (the map from the score to the "
                     "share is fitted on the whole cohort): load it with `bulk.to_memory()`."
                 )
-            return self._proportions_by_chunk(bulk, options)
+            return self._proportions_by_chunk(bulk, request)
+        return self._deconvolve(bulk, request, unknown_share)
+
+    def _deconvolve(self, bulk: AnnData, request: _Request, unknown_share=None) -> pd.DataFrame:
+        """The walk of an in-memory bulk: validate, prepare, fit, diagnose, write."""
+        keys = result_keys(request.key_added)
         measured = None
         if unknown_share is not None:
             measured = measured_unknown_share(bulk, unknown_share, self.cell_types, UNKNOWN_COLUMN)
-        cpm, found, report = self._bulk_cpm(bulk, layer, allow_missing=True)
-        bulk.uns[keys["gene_report"]] = report
-        estimator = self.estimator()  # the network's output starts its fit
-        initial = self.module.predict_proportions(cpm, batch_size or DEFAULT_BATCH_SIZE)
-        fit = estimator.fit(cpm, initial, rounds, found)
-        if use_states:
+        estimator = self.estimator()
+        prepared = prepare_bulk(
+            bulk,
+            request.layer,
+            self.var_names,
+            estimator.signature,
+            estimator.fit_genes,
+            self.selected_genes_,
+            stacklevel=settings.warnings_stacklevel + 3,  # the user's line
+        )
+        cpm, found = prepared.cpm, prepared.found
+        # fit: the network's output starts the robust fit
+        initial = self.module.predict_proportions(cpm, request.batch_size)
+        fit = estimator.fit(cpm, initial, request.rounds, found)
+        if request.use_states:
             fit = self._state_aware_fit(cpm, fit, found)
         mixture = fit.proportions
+        # diagnostics
         unknown_rna = estimator.unknown_share(cpm, fit, found)
+        kind = request.kind
         proportions, unknown = fractions_of_kind(mixture, kind, self.rna_content_, unknown_rna)
+        report = prepared.report
         if fit.set_aside is not None:  # fitted genes set aside in at least half the samples
-            names = self.var_names[self._fit_gene_index(found)]
+            names = self.var_names[estimator.fit_genes & found]
             report["set_aside_genes"] = [
                 str(g) for g in names[fit.set_aside >= SET_ASIDE_REPORTED]
             ]
+        fit_score = sample_scores(bulk_reconstruction_error, cpm, mixture, estimator.signature)
+        unexplained = sample_scores(unexplained_expression, cpm, mixture, estimator.signature)
+        # write
+        bulk.uns[keys["gene_report"]] = report
         result = pd.DataFrame(proportions, index=bulk.obs_names.copy(), columns=self.cell_types)
         bulk.obs[keys["unknown_lower_bound"]] = np.clip(unknown_rna, 0.0, 1.0)
         bulk.obs[keys["unknown_fraction"]] = unknown
         if measured is not None:
-            result = self._whole_sample(
-                bulk, result, unknown_rna, measured, unknown_content, kind, keys
-            )
-        bulk.obsm[key_added] = result
-        bulk.uns[keys["estimator"]] = self._estimator_report(estimator, rounds, use_states)
-        scores = sample_scores(bulk_reconstruction_error, cpm, mixture, estimator.signature)
-        bulk.obs[keys["fit_score"]] = scores
-        self._flag_unexplained(bulk, cpm, mixture, estimator.signature, keys)
-        if n_draws > 0:
-            self._write_intervals(bulk, cpm, mixture, kind, key_added, n_draws, rounds, found)
+            result = self._whole_sample(bulk, result, unknown_rna, measured, request, keys)
+        bulk.obsm[request.key_added] = result
+        bulk.uns[keys["estimator"]] = self._estimator_report(estimator, request)
+        bulk.obs[keys["fit_score"]] = fit_score
+        self._write_flag(bulk, unexplained, keys)
+        if request.n_draws > 0:
+            self._write_intervals(bulk, cpm, mixture, found, request)
             if measured is not None:  # the known types' intervals, as fractions of the whole
                 known = result.loc[:, self.cell_types].sum(axis=1).to_numpy()
                 for end in ("std", "lower", "upper"):
-                    bulk.obsm[f"{key_added}_{end}"] = bulk.obsm[f"{key_added}_{end}"].mul(
-                        known, axis=0
-                    )
+                    key = f"{request.key_added}_{end}"
+                    bulk.obsm[key] = bulk.obsm[key].mul(known, axis=0)
         logger.info("Deconvolved %d samples (%s fractions).", bulk.n_obs, kind)
         return result
 
+    def estimator(self) -> ProportionEstimator:
+        """The proportion estimator being served (what :meth:`get_proportions` fits with).
+
+        Returns
+        -------
+        :class:`~hpvade.core.ProportionEstimator`: S (as :meth:`get_signature`), the genes
+        of the robust fit (``selected_genes_``) and, after :meth:`adapt`, the gene weights of
+        its exact weighted fit; on the model's device.
+        """
+        if self.selected_genes_ is None:  # a model saved before gene selection: every gene
+            fit_genes = np.ones(len(self.var_names), dtype=bool)
+        else:
+            fit_genes = np.asarray(self.var_names.isin(self.selected_genes_))
+        weights = None if self.gene_weights_ is None else np.asarray(self.gene_weights_, float)
+        if self.adapted_signature_ is not None:  # adapt's S exactly
+            signature = np.asarray(self.adapted_signature_, dtype=np.float64)
+        else:
+            signature = self.module.signature_array()
+        return ProportionEstimator(signature, fit_genes, weights, device=str(self.device))
+
+    @torch.inference_mode()
+    def get_signature(self) -> pd.DataFrame:
+        """The signature S being served.
+
+        Returns
+        -------
+        DataFrame (genes × cell types), CPM: columns sum to 1e6 (after :meth:`adapt`, as its
+        regression left them, within a few per mille).
+        """
+        signature = self.estimator().signature
+        return pd.DataFrame(signature, index=self.var_names, columns=self.cell_types)
+
     # ------------------------------------------------------------------------------ helpers
-    def _estimator_report(self, estimator, rounds: int, use_states: bool) -> dict:
+    def _estimator_report(self, estimator, request: _Request) -> dict:
         return {
-            "estimator": estimator.name if rounds > 0 else "network",
+            "estimator": estimator.name if request.rounds > 0 else "network",
             "adapted": self.gene_weights_ is not None,
-            "n_rounds": int(rounds),
-            "use_states": bool(use_states),
+            "n_rounds": int(request.rounds),
+            "use_states": bool(request.use_states),
         }
 
     def _state_aware_fit(self, cpm: np.ndarray, fit: ProportionFit, found) -> ProportionFit:
@@ -245,26 +288,30 @@ class DeconvolutionMixin:
         proportions = (by_type @ expanded.proportions.T).T
         return ProportionFit(proportions, expanded.explained, expanded.set_aside)
 
-    def _whole_sample(self, bulk, known, score, measured, content, kind, keys) -> pd.DataFrame:
+    def _whole_sample(self, bulk, known, score, measured, request, keys) -> pd.DataFrame:
         """Fractions of the whole sample, with the ``"unknown"`` column (see
         :func:`hpvade.core.unknown_cell_shares` for the unmeasured samples)."""
-        share, fitted = unknown_cell_shares(score, measured)
+        # the warning's line: past this helper, _deconvolve, get_proportions, its wrapper
+        share, fitted = unknown_cell_shares(score, measured, settings.warnings_stacklevel + 4)
         if fitted is not None:
             bulk.uns[keys["unknown_map"]] = fitted.as_dict()
-        values = whole_sample_fractions(known.to_numpy(), share, kind, self.rna_content_, content)
+        values = whole_sample_fractions(
+            known.to_numpy(), share, request.kind, self.rna_content_, request.unknown_content
+        )
         return pd.DataFrame(values, index=known.index, columns=[*self.cell_types, UNKNOWN_COLUMN])
 
-    def _flag_unexplained(self, bulk: AnnData, cpm, mixture, signature, keys: dict) -> None:
-        score = sample_scores(unexplained_expression, cpm, mixture, signature)
+    def _write_flag(self, bulk: AnnData, score: np.ndarray, keys: dict, stacklevel=4) -> None:
+        """The unexplained score, and the flag where the threshold is calibrated (a warning
+        when more than ``UNEXPLAINED_WARN_SHARE`` of the samples are flagged)."""
         bulk.obs[keys["unexplained_score"]] = score
         if self.unexplained_threshold_ is None:
             logger.info("The unexplained-sample flag is not calibrated: no flag written.")
             return
         flagged = score > self.unexplained_threshold_
         bulk.obs[keys["unexplained"]] = flagged
-        self._warn_if_unexplained(flagged, keys)
+        self._warn_if_unexplained(flagged, keys, stacklevel + 1)
 
-    def _warn_if_unexplained(self, flagged: np.ndarray, keys: dict[str, str]) -> None:
+    def _warn_if_unexplained(self, flagged: np.ndarray, keys: dict, stacklevel: int) -> None:
         if flagged.mean() > UNEXPLAINED_WARN_SHARE:
             warnings.warn(
                 f"{int(flagged.sum())} of {flagged.size} bulk samples ({flagged.mean():.0%}) are "
@@ -276,28 +323,28 @@ class DeconvolutionMixin:
                 "between the reference and the bulk (try `model.adapt(bulk)`), or values on the "
                 "wrong scale.",
                 UserWarning,
-                # past this helper, its caller, get_proportions and its keyword wrapper
-                stacklevel=settings.warnings_stacklevel + 3,
+                stacklevel=settings.warnings_stacklevel + stacklevel - 1,
             )
 
-    def _write_intervals(self, bulk, cpm, mixture, kind, key_added, n_draws, n_rounds, found):
+    def _write_intervals(self, bulk, cpm, mixture, found, request: _Request) -> None:
         if self.interval_scale_ is None:
             logger.info("Calibrating the intervals (first call with draws).")
             self.calibrate_uncertainty()
+        n_draws, kind = request.n_draws, request.kind
         if self.signature_ratios_ is not None and n_draws <= len(self.signature_ratios_):
             ratios = self.signature_ratios_[:n_draws].astype(float)  # drawn at calibration
         else:
             ratios = self.signature_draws(n_draws, seed=settings.seed or 0)
-        n_rounds = min(max(n_rounds, 1), DRAW_ROUNDS)
+        n_rounds = min(max(request.rounds, 1), DRAW_ROUNDS)
         draws = self.estimator().draws(cpm, mixture, ratios, n_rounds, found)
         none = np.zeros(len(mixture))
         draws = np.stack([fractions_of_kind(d, kind, self.rna_content_, none)[0] for d in draws])
         estimate = fractions_of_kind(mixture, kind, self.rna_content_, none)[0]
         lower, upper = interval(estimate, draws, self.interval_scale_)
-        index, columns = bulk.obs_names.copy(), self.cell_types
-        bulk.obsm[f"{key_added}_std"] = pd.DataFrame(draws.std(axis=0), index, columns)
-        bulk.obsm[f"{key_added}_lower"] = pd.DataFrame(lower, index, columns)
-        bulk.obsm[f"{key_added}_upper"] = pd.DataFrame(upper, index, columns)
+        index, columns, key = bulk.obs_names.copy(), self.cell_types, request.key_added
+        bulk.obsm[f"{key}_std"] = pd.DataFrame(draws.std(axis=0), index, columns)
+        bulk.obsm[f"{key}_lower"] = pd.DataFrame(lower, index, columns)
+        bulk.obsm[f"{key}_upper"] = pd.DataFrame(upper, index, columns)
 
     def write_proportions(
         self,
@@ -324,49 +371,53 @@ class DeconvolutionMixin:
 
         if not is_dask_array(get_matrix(bulk, layer)):
             raise TypeError("`bulk`'s values must be a Dask array; this one is in memory.")
-        results = self._dask_results(bulk, layer, kind, n_rounds, None)[1]
+        results = self._dask_results(bulk, layer, kind, n_rounds, DEFAULT_BATCH_SIZE, 2)[1]
         results.to_zarr(store, component="results", overwrite=True)
         columns = [*self.cell_types, *BLOCK_SCORES]
         zarr.open_array(store, path="results", mode="r+").attrs["columns"] = columns
 
-    def _dask_results(self, bulk, layer, kind, rounds, batch_size):
-        """The block deconvolution of a Dask-backed bulk and its lazy results."""
+    def _dask_results(self, bulk, layer, kind, rounds, batch_size, stacklevel: int):
+        """The block deconvolution of a Dask-backed bulk and its lazy results (``stacklevel``:
+        of the user's line, from the caller)."""
+        estimator = self.estimator()
         found = np.asarray(self.var_names.isin(bulk.var_names))
         if not found.all():
-            self._check_missing_genes(bulk, found)
+            check_fit_genes(bulk, self.var_names, estimator.fit_genes, found,
+                            len(self.cell_types), stacklevel=stacklevel + 2)  # fmt: skip
         block = BlockDeconvolution(
-            self.module, self.estimator(), bulk.var_names, self.var_names, rounds, kind,
-            self.rna_content_, batch_size or DEFAULT_BATCH_SIZE,
+            self.module, estimator, bulk.var_names, self.var_names, rounds, kind,
+            self.rna_content_, batch_size,
         )  # fmt: skip
         return block, block.over(get_matrix(bulk, layer))
 
-    def _proportions_by_dask(self, bulk, layer, key_added, kind, rounds, batch_size):
+    def _proportions_by_dask(self, bulk, request: _Request) -> pd.DataFrame:
         """A bulk whose values are a Dask array: each block of samples is deconvolved by
         :class:`~hpvade.core.BlockDeconvolution` as Dask schedules it (its threaded scheduler,
         or the user's ``distributed`` client); only the results come back."""
-        block, lazy = self._dask_results(bulk, layer, kind, rounds, batch_size)
+        block, lazy = self._dask_results(
+            bulk, request.layer, request.kind, request.rounds, request.batch_size, 4
+        )
         n_types = len(self.cell_types)
         results = np.asarray(lazy.compute())
-        keys = result_keys(key_added)
+        keys = result_keys(request.key_added)
         result = pd.DataFrame(results[:, :n_types], bulk.obs_names.copy(), self.cell_types)
-        bulk.obsm[key_added] = result
+        bulk.obsm[request.key_added] = result
         for j, name in enumerate(BLOCK_SCORES):
             bulk.obs[keys[name]] = results[:, n_types + j]
         if self.unexplained_threshold_ is not None:
             flagged = bulk.obs[keys["unexplained_score"]].to_numpy() > self.unexplained_threshold_
             bulk.obs[keys["unexplained"]] = flagged
-            self._warn_if_unexplained(flagged, keys)
-        bulk.uns[keys["estimator"]] = self._estimator_report(block.estimator, rounds, False)
+            self._warn_if_unexplained(flagged, keys, stacklevel=4)
+        bulk.uns[keys["estimator"]] = self._estimator_report(block.estimator, request)
         logger.info("Deconvolved %d samples in %d blocks.", bulk.n_obs, lazy.numblocks[0])
         return result
 
-    def _proportions_by_chunk(self, bulk: AnnData, options: dict) -> pd.DataFrame:
-        """A backed bulk (``anndata.read_h5ad(path, backed="r")``), ``BACKED_CHUNK_VALUES``
-        values at a time: each chunk of samples is read into memory and deconvolved as an
-        in-memory bulk, and only its results are kept, so memory stays bounded whatever the
-        cohort's size. The cohort statistics (the unknown fraction's genes, the gene report)
-        are those of each chunk (the report: of the first)."""
-        keys = result_keys(options["key_added"])
+    def _proportions_by_chunk(self, bulk: AnnData, request: _Request) -> pd.DataFrame:
+        """A backed bulk (``anndata.read_h5ad(path, backed="r")``): the in-memory walk over
+        chunks of ``BACKED_CHUNK_VALUES`` values, keeping only each chunk's results, so memory
+        stays bounded whatever the cohort's size. The cohort statistics (the unknown
+        fraction's genes, the gene report) are each chunk's (the report: the first's)."""
+        keys, added = result_keys(request.key_added), request.key_added
         per_chunk = max(1, BACKED_CHUNK_VALUES // max(bulk.n_vars, 1))
         obs, obsm, uns, flagged = [], {}, {}, []
         starts = range(0, bulk.n_obs, per_chunk)
@@ -375,14 +426,12 @@ class DeconvolutionMixin:
             part = bulk[start : start + per_chunk].to_memory()
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
-                self.get_proportions(part, **options)
+                self._deconvolve(part, request)
             for warning in caught:  # the others once; the unexplained warning for all below
                 if "not explained by the reference" not in str(warning.message):
                     stacklevel = settings.warnings_stacklevel + 2  # the user's line
                     warnings.warn(warning.message, warning.category, stacklevel=stacklevel)
-            written = [k for k in keys.values() if k in part.obs]
-            obs.append(part.obs[written])
-            added = options["key_added"]
+            obs.append(part.obs[[k for k in keys.values() if k in part.obs]])
             for key in [added] + [f"{added}_{end}" for end in ("std", "lower", "upper")]:
                 if key in part.obsm:
                     obsm.setdefault(key, []).append(part.obsm[key])
@@ -396,5 +445,5 @@ class DeconvolutionMixin:
             bulk.obsm[key] = pd.concat(frames).set_axis(bulk.obs_names)
         bulk.uns.update(uns)
         if flagged:
-            self._warn_if_unexplained(np.concatenate(flagged), keys)
-        return bulk.obsm[options["key_added"]].copy()
+            self._warn_if_unexplained(np.concatenate(flagged), keys, stacklevel=4)
+        return bulk.obsm[added].copy()

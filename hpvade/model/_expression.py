@@ -22,9 +22,10 @@ from hpvade.core import (
     split_bulk,
     state_profiles,
 )
-from hpvade.data._bulk import as_bulk_anndata
+from hpvade.data._bulk import as_bulk_anndata, prepare_bulk
 from hpvade.data._labels import indicator_matrix
 from hpvade.data._pseudobulk import mix_cells
+from hpvade.data._simulator import PseudobulkSimulator
 
 logger = logging.getLogger(__name__)
 
@@ -130,9 +131,20 @@ class ExpressionMixin:
         """
         wanted = list(self.cell_types) if cell_types is None else list(cell_types)
         bulk = as_bulk_anndata(bulk)
-        cpm, found, _ = self._bulk_cpm(bulk, layer, allow_missing=True)
+        self._check_if_trained(warn=False, message=self._not_trained_message)
+        served = self.estimator()
+        prepared = prepare_bulk(
+            bulk,
+            layer,
+            self.var_names,
+            served.signature,
+            served.fit_genes,
+            self.selected_genes_,
+            stacklevel=settings.warnings_stacklevel + 1,  # the user's line
+        )
+        cpm, found = prepared.cpm, prepared.found
         initial = self.module.predict_proportions(cpm)
-        mixture = self.estimator().fit(cpm, initial, found=found).proportions
+        mixture = served.fit(cpm, initial, found=found).proportions
         genes = np.flatnonzero(found)
         cpm = cpm[:, genes]
         signature = self.reference_signature_[genes]
@@ -237,7 +249,7 @@ class ExpressionMixin:
         """
         if self.cell_states_ is None:
             self._check_if_trained(warn=False, message=self._not_trained_message)
-            self._require_reference("Cell states")
+            simulator = self.simulator  # the reference's cells
             if not self.module.use_vae:
                 raise ValueError(
                     "Cell states are clusters in the VAE's latent space, and this model was "
@@ -245,15 +257,15 @@ class ExpressionMixin:
                     "default `use_vae=True` and train it to get cell-type expression or "
                     "state-aware proportions."
                 )
-            self.cell_states_ = self._compute_cell_states()
+            self.cell_states_ = self._compute_cell_states(simulator)
         return self.cell_states_
 
     @torch.no_grad()
-    def _compute_cell_states(self) -> CellStates:
+    def _compute_cell_states(self, simulator: PseudobulkSimulator) -> CellStates:
         rng = np.random.default_rng(settings.seed or 0)
-        codes = self._label_codes()
+        codes = simulator.codes
         n_types = len(self.cell_types)
-        members = self._cells_by_type(MAX_CELLS_PER_TYPE_FOR_STATES, rng)
+        members = simulator.cells_by_type(MAX_CELLS_PER_TYPE_FOR_STATES, rng)
         subset = np.concatenate(members)
         sub_codes = codes[subset]
         self.module.eval()
@@ -271,8 +283,9 @@ class ExpressionMixin:
         state_type = np.zeros(n_states, dtype=np.int64)
         state_type[state_of_cell] = sub_codes
         indicator = indicator_matrix(state_of_cell, n_states, subset, codes.size)
-        aggregated = mix_cells(self.adata, indicator, *self._linear_source())
-        decoded_sum = self._decoded_by_state(latent, library, state_of_cell, subset, n_states)
+        aggregated = mix_cells(self.adata, indicator, simulator.layer, simulator.log1p)
+        totals = simulator.cell_totals()[subset]
+        decoded_sum = self._decoded_by_state(latent, library, state_of_cell, totals, n_states)
         genes = self.module.vae_gene_index
         if genes is not None:
             # genes the VAE does not model: the aggregate alone, on the decoded sums' scale
@@ -285,15 +298,15 @@ class ExpressionMixin:
         logger.info("Cell states: %d over %d types.", n_states, n_types)
         return state_profiles(aggregated, decoded_sum, state_type, self.reference_signature_)
 
-    def _decoded_by_state(self, latent, library, state_of_cell, subset, n_states) -> np.ndarray:
+    def _decoded_by_state(self, latent, library, state_of_cell, totals, n_states) -> np.ndarray:
         """Each state's sum of its cells' decoded profiles, weighted by each cell's RNA (as the
         aggregate is); decoded a batch at a time, so no cells × genes array is held."""
-        weights = torch.as_tensor(self._cell_totals()[subset], device=latent.device)
+        weights = torch.as_tensor(totals, device=latent.device)
         index = torch.as_tensor(state_of_cell, device=latent.device)
         total = torch.zeros(
             n_states, self.module.n_vae_genes, dtype=torch.float64, device=latent.device
         )
-        for start in range(0, subset.size, 1024):
+        for start in range(0, totals.size, 1024):
             rows = slice(start, start + 1024)
             scale = self.module.generative(latent[rows], library[rows])["px_scale"].double()
             total.index_add_(0, index[rows], scale * weights[rows, None])

@@ -7,6 +7,7 @@ import logging
 import math
 
 import numpy as np
+import pandas as pd
 from anndata import AnnData
 from scvi import REGISTRY_KEYS, settings
 from scvi.data import AnnDataManager
@@ -19,6 +20,8 @@ from hpvade._constants import COUNTS_KEY
 from hpvade._logging import interactive_output, quiet_third_party
 from hpvade.data._labels import get_label_codes
 from hpvade.data._pseudobulk import DEFAULT_CELLS_PER_PSEUDOBULK, DEFAULT_DIRICHLET_ALPHA
+from hpvade.data._reference import select_vae_genes, summarise_reference
+from hpvade.data._simulator import PseudobulkSimulator
 from hpvade.data._split import stratified_split
 from hpvade.data._validation import (
     check_counts_layer,
@@ -31,7 +34,6 @@ from hpvade.model._calibration import CalibrationMixin
 from hpvade.model._deconvolution import DeconvolutionMixin
 from hpvade.model._expression import ExpressionMixin
 from hpvade.model._fitted_state import reset_fitted_state
-from hpvade.model._reference import ReferenceMixin
 from hpvade.module import HPVADEModule
 from hpvade.train import HPVADETrainingPlan, max_epochs_heuristic
 
@@ -43,7 +45,6 @@ class HPVADE(
     ExpressionMixin,
     CalibrationMixin,
     AdaptationMixin,
-    ReferenceMixin,
     VAEMixin,
     UnsupervisedTrainingMixin,
     BaseModelClass,
@@ -78,6 +79,11 @@ class HPVADE(
     ----------
     cell_types
         Cell-type names, in the order of S's columns and of every proportions table.
+    var_names
+        Reference genes, in the order of S's rows.
+    simulator
+        Pseudobulks of known composition from the registered reference, drawn as
+        :meth:`train` drew its own (``pool``, ``mixtures``, ``half_splits``).
     selected_genes_
         Genes of the proportion fit (``genes``).
     reference_signature_
@@ -107,6 +113,36 @@ class HPVADE(
     _training_plan_cls = HPVADETrainingPlan
     _not_trained_message = "The model is not trained yet: call `model.train()` first."
 
+    @property
+    def simulator(self) -> PseudobulkSimulator:
+        """Pseudobulks of known composition from the registered reference, drawn as
+        :meth:`train` drew its own (training pools, the calibrations' half splits)."""
+        if self.adata is None:
+            raise RuntimeError(
+                "This needs the reference the model was trained on: "
+                "`hpvade.HPVADE.load(path, adata=ref)`."
+            )
+        if self._simulator is None or self._simulator.adata is not self.adata:
+            codes = self.get_from_registry(self.adata, REGISTRY_KEYS.LABELS_KEY)
+            setup_args = self.registry_["setup_args"]
+            counts_layer = setup_args.get("counts_layer")
+            self._simulator = PseudobulkSimulator(
+                self.adata,
+                np.asarray(codes).ravel().astype(np.int64),
+                self.summary_stats.n_labels,
+                counts_layer if counts_layer is not None else setup_args.get("layer"),
+                log1p=counts_layer is None,
+                rna_fractions=counts_layer is not None,
+            )
+        settings_ = self.pseudobulk_settings_ or {}
+        self._simulator.cells_per_pseudobulk = int(
+            settings_.get("cells_per_pseudobulk", DEFAULT_CELLS_PER_PSEUDOBULK)
+        )
+        self._simulator.dirichlet_alpha = float(
+            settings_.get("dirichlet_alpha", DEFAULT_DIRICHLET_ALPHA)
+        )
+        return self._simulator
+
     def __init__(
         self,
         adata: AnnData | None = None,
@@ -121,13 +157,38 @@ class HPVADE(
     ):
         super().__init__(adata, registry)
         n_labels = self.summary_stats.n_labels
+        fields = self.registry_["field_registries"]
+        mapping = fields[REGISTRY_KEYS.LABELS_KEY]["state_registry"]["categorical_mapping"]
+        self.cell_types = pd.Index(np.asarray(mapping).astype(str))
+        self.var_names = pd.Index(
+            np.asarray(fields[REGISTRY_KEYS.X_KEY]["state_registry"]["column_names"])
+        )
         reset_fitted_state(self)
-        # reference summaries (set by _init_reference_summaries, or restored by load)
+        setup_args = self.registry_["setup_args"]
+        use_counts = setup_args.get("counts_layer") is not None
+        self._simulator = None
+        # what the reference gives once (restored by load when there is no reference)
         self.type_cell_counts_, self.rna_content_, self.selected_genes_ = None, None, None
-        self.reference_signature_ = None
-        use_counts = self.registry_["setup_args"].get("counts_layer") is not None
-        signature = self._init_reference_summaries(genes) if adata is not None else None
-        index = self._select_vae_genes(vae_genes)
+        self.reference_signature_ = signature = None
+        if adata is not None:
+            summary = summarise_reference(
+                self.adata,
+                self.var_names,
+                self.simulator.codes,
+                self.cell_types,
+                setup_args.get("layer"),
+                setup_args.get("counts_layer"),
+                self.simulator.cell_totals,
+                genes,
+                stacklevel=settings.warnings_stacklevel,
+            )
+            signature = self.reference_signature_ = summary.signature
+            self.type_cell_counts_ = summary.type_cell_counts
+            self.rna_content_ = summary.rna_content
+            self.selected_genes_ = summary.selected_genes
+        index = select_vae_genes(
+            vae_genes, self.var_names, adata, setup_args.get("layer"), self.selected_genes_
+        )
         if adata is not None:  # saved as chosen: loading needs neither the data nor the choice
             vae_genes = "all" if index is None else [str(g) for g in self.var_names[index]]
         self.module = self._module_cls(
@@ -206,18 +267,22 @@ class HPVADE(
             output goes to a terminal or a notebook. Lightning's notices are quiet unless
             ``logging.getLogger("hpvade")`` is at DEBUG.
         """
-        self._restore_reference_state()
+        if self.reference_state_ is not None:  # undo an earlier adapt
+            self.module.load_bulk_path_state(self.reference_state_)
         reset_fitted_state(self, "train")
         rng = np.random.default_rng(settings.seed)
-        train_idx, val_idx = stratified_split(self._label_codes(), train_size, rng)
+        train_idx, val_idx = stratified_split(self.simulator.codes, train_size, rng)
         if max_epochs is None:
             max_epochs = max_epochs_heuristic(train_idx.size, batch_size)
         seed = int(rng.integers(2**31))
-        pool = (int(cells_per_pseudobulk), float(dirichlet_alpha))
-        self.pseudobulk_settings_ = {"cells_per_pseudobulk": pool[0], "dirichlet_alpha": pool[1]}
-        pool_train = self._simulate_pool(train_idx, n_pseudobulk, *pool, seed)
+        self.pseudobulk_settings_ = {
+            "cells_per_pseudobulk": int(cells_per_pseudobulk),
+            "dirichlet_alpha": float(dirichlet_alpha),
+        }
+        simulator = self.simulator
+        pool_train = simulator.pool(train_idx, n_pseudobulk, seed)
         n_val = max(n_pseudobulk // 5, 1)
-        pool_val = self._simulate_pool(val_idx, n_val, *pool, seed + 1) if val_idx.size else None
+        pool_val = simulator.pool(val_idx, n_val, seed + 1) if val_idx.size else None
         self.module.set_bulk_standardization(pool_train[0])
         datasplitter_kwargs = {
             "external_indexing": [train_idx, val_idx, np.array([], dtype=np.int64)],
