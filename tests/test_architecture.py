@@ -189,3 +189,25 @@ def test_the_default_walk_of_a_bulk_passes_through_at_most_eight_files():
     walked = [str(Path(f).relative_to(package)) for f in files]
     assert len(walked) <= 8, walked
     assert walked[:2] == ["_compat.py", "model/_deconvolution.py"], walked
+
+
+def test_the_models_public_docstrings_are_short():
+    """A method's docstring says what it takes and gives (numpydoc); the algorithm's prose is
+    on docs/model.md. The class docstring, which lists the attributes, is exempt."""
+    import inspect
+
+    long = {
+        name: len(inspect.getdoc(member).splitlines())
+        for name, member in _model_members().items()
+        if not name.startswith("_") and callable(member) and inspect.getdoc(member)
+    }
+    assert max(long.values()) <= 35, sorted(long.items(), key=lambda item: -item[1])[:3]
+
+
+def _model_members() -> dict:
+    """What HPVADE and its mixins define (not what scvi-tools' classes do)."""
+    members = {}
+    for base in hpvade.HPVADE.__mro__:
+        if base.__module__.startswith("hpvade.model"):
+            members.update(vars(base))
+    return members

@@ -61,67 +61,36 @@ class AdaptationMixin:
         factor_shrinkage: float = 0.0,
         seed: int | None = None,
     ) -> AdaptationSummary:
-        """Adapt the signature S and the deconvolution network to the user's bulk samples.
-
-        No labels are needed. Every call starts from the model as :meth:`train` left it, so
-        adapting to cohort A and then to B serves on B what adapting to B alone serves; S is
-        re-estimated from the signature built from the reference cells (see
-        ``_adaptation_prior`` for why not from the learned S). Iterations
-        alternate proportions given S and S given proportions. Proportions are the exact
-        non-negative least-squares fit of each sample with every gene weighted by the inverse
-        of its noise variance, re-estimated each round from the residuals over all samples and
-        moderated towards the trend over genes: bulk noise grows with expression and differs
-        from gene to gene, and an unweighted fit lets the noisiest genes pull S astray. S is a
-        per-gene ridge regression pulled towards the single-cell signature, with a per-type
-        strength proportional to the type's reference cells: a profile averaged over few cells
-        may move freely, a well-sampled one stays anchored. A free per-gene factor absorbs a
-        protocol's gene-wise bias. A share of the samples is held out: if the adapted S
-        explains them worse than the unadapted one, S is left unchanged. The network is then
-        fine-tuned to predict the adapted proportions, and :meth:`get_proportions` serves the
-        adapted S with the same gene-weighted fit (weights in ``gene_weights_``). The flag and
-        the intervals are recalibrated for that fit.
+        """Adapt S and the deconvolution network to your bulk samples (docs: "Adapting S to
+        the user's bulks"); no labels needed. Every call starts from the model :meth:`train`
+        left; if the adapted S explains held-out samples worse, S is left unchanged.
 
         Parameters
         ----------
         bulk
-            The user's bulk samples (linear scale), as for :meth:`get_proportions`: a dozen or
-            more from one protocol, and more than there are cell types. With no more samples
-            than cell types, adapt declines with a warning and the model serves the
-            reference-trained estimator. A bulk that lacks some of the model's genes is
-            checked as :meth:`get_proportions` checks it, and S is re-estimated on the genes
-            it has; the others keep the reference's rows (and no weight in the adapted fit).
+            A dozen or more samples of one protocol (linear scale, as for
+            :meth:`get_proportions`), more than there are cell types.
         layer
-            Layer of ``bulk`` with the values; ``None`` uses ``bulk.X``.
+            Layer with the values; ``None``: ``bulk.X``.
         max_iterations
-            Most alternations of the proportions and S (they also end once S stops
-            changing). The default is an early stop: a converged S over-fits small cohorts
-            (docs/model.md). ``n_rounds`` is its old name (a FutureWarning).
+            Most alternations of proportions and S (an early stop: a converged S over-fits
+            small cohorts).
         prior_strength
-            Strength of the pull towards the single-cell signature for a type with the mean
-            number of reference cells (in units of samples' worth of evidence). Below 40
-            samples it is scaled by ``n_samples / 40``, so that a small cohort can still
-            correct poorly sampled profiles.
-        validation_fraction
-            Share of samples held out to check that adapting helps (none below 6 samples).
-        tolerance
-            Stop once S changes by less than this (relative L1) between rounds.
+            Pull towards the reference's S for a type with the mean number of cells, in
+            samples' worth of evidence (scaled by ``n_samples / 40`` below 40 samples).
+        validation_fraction, tolerance
+            Share of samples held out (none below 6); stop once S moves less than this.
         distill_steps
-            Steps fine-tuning the deconvolution network on the adapted proportions.
-        gene_factor
-            Also fit a free per-gene factor shared by all types (a protocol's gene-wise bias
-            between single-cell and bulk), so the prior does not fight a platform shift.
-        factor_shrinkage
-            Pull of that factor towards 1, in samples' worth of evidence.
+            Steps fine-tuning the network on the adapted proportions.
+        gene_factor, factor_shrinkage
+            Fit a per-gene factor for a protocol's gene-wise bias; its pull towards 1.
         seed
-            Seed of the held-out split; defaults to ``scvi.settings.seed``.
+            Seed of the held-out split; ``None``: ``scvi.settings.seed``.
 
         Returns
         -------
-        An ``AdaptationSummary`` dict (also in ``model.adaptation_``): ``kept`` (False: S
-        unchanged; ``declined`` then says why adapt did not run: no more samples than cell
-        types, since S cannot be re-estimated from fewer, and a warning says so),
-        ``n_iterations_run``, held-out ``validation_error`` (weighted squared error with the
-        unadapted and the adapted S), sample counts and the settings.
+        :class:`AdaptationSummary` (also in ``adaptation_``): ``kept``, ``declined`` (why
+        not, with a warning), ``validation_error`` (unadapted, adapted), counts, settings.
         """
         settings_given = dict(locals())  # adapt's numerical settings, kept in adaptation_
         self._check_if_trained(warn=False, message=self._not_trained_message)

@@ -81,53 +81,31 @@ class ExpressionMixin:
         cell_types: list[str] | None = None,
         use_states: bool | None = None,
     ) -> dict[str, pd.DataFrame]:
-        """Each sample's expression profile of each cell type's cells.
+        """Each sample's expression profile of each cell type's cells (docs: "Each sample's
+        cell-type expression").
 
-        Every type's reference cells form states: clusters in the VAE's latent space, each
-        with a profile from its cells and the decoder. For each sample, the weights of each
-        type's states are fitted to the bulk (with the type's share held at the proportions
-        :meth:`get_proportions` serves). How far each type's fitted weights are followed is
-        decided per type by the cohort: the weights are fitted again on two disjoint halves
-        of the genes, and their agreement across the samples (split-half correlation r,
-        stepped up to all genes as ``2r / (1 + r)``) is the share of the fitted change from
-        the reference's state mix that is served. A type whose states track what changes
-        between the samples gets a profile per sample; a type whose fitted weights are noise,
-        or absorb changes its states do not hold, stays near its reference profile. There is
-        no threshold: the estimate moves smoothly from allocation to the state-aware split as
-        the evidence grows. Each type's profiles are then adapted gene by gene to the
-        samples' donors: a factor per gene and type, fitted across the samples (least
-        squares of the bulk on ``proportion × profile``) and pulled towards 1 with the weight
-        of 10 samples. Each gene's bulk expression is split among the types in proportion to
-        ``proportion × profile``, and each type's split is finally averaged with allocation's
-        (the split by the reference profiles) by the same weight: a type whose states have
-        no evidence gets allocation exactly, whatever the other types' states claim. Pass the
-        samples of a cohort together: the evidence comes from the differences between them
-        (a single sample gets allocation).
-
-        What was used is kept in :attr:`state_evidence_` (one row per type: ``n_states``,
-        ``split_half_r``, ``weight``, ``profile_shift``) and in each returned frame's
-        ``attrs["hpvade_state_evidence"]``. Nothing is written to ``bulk``. When no type's
-        states get weight 0.1, a warning names the types and what to do.
+        Each gene's bulk is split among the types by ``proportion × profile``; a type's
+        profile follows its cell states (VAE latent clusters) as far as the cohort's evidence
+        goes (split-half agreement of the fitted state weights across samples), else its
+        reference profile. Pass a cohort together: a single sample gets allocation. What was
+        used is in :attr:`state_evidence_`; nothing is written to ``bulk``.
 
         Parameters
         ----------
         bulk
-            Bulk samples (samples × genes) on a linear scale, as for :meth:`get_proportions`.
+            Bulk samples on a linear scale, as for :meth:`get_proportions`.
         layer
-            Layer of ``bulk`` with the values; ``None`` uses ``bulk.X``.
+            Layer with the values; ``None``: ``bulk.X``.
         cell_types
             Types to return; ``None``: all.
         use_states
-            ``None`` (default): each type's states weighted by the evidence, as above (a
-            model built with ``use_vae=False`` has none: it warns and allocates). ``True``:
-            every type's fitted state weights followed fully (weight 1), whatever the
-            evidence, and the state-aware split served as is; ``False``: none, and no cohort
-            factors (allocation by the reference profiles).
+            ``None``: each type's states weighted by the evidence; ``True``: followed fully
+            whatever the evidence; ``False``: none (allocation by the reference profiles).
 
         Returns
         -------
-        ``{cell type: DataFrame}``: samples × the model's genes that the bulk has, CPM (rows
-        sum to 1e6; all zeros where a type's share is 0).
+        ``{cell type: DataFrame}``: samples × the model's genes the bulk has, CPM (rows sum to
+        1e6; zeros where a type's share is 0).
         """
         wanted = list(self.cell_types) if cell_types is None else list(cell_types)
         bulk = as_bulk_anndata(bulk)

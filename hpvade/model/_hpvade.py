@@ -81,9 +81,6 @@ class HPVADE(
         Cell-type names, in the order of S's columns and of every proportions table.
     var_names
         Reference genes, in the order of S's rows.
-    simulator
-        Pseudobulks of known composition from the registered reference, drawn as
-        :meth:`train` drew its own (``pool``, ``mixtures``, ``half_splits``).
     selected_genes_
         Genes of the proportion fit (``genes``).
     reference_signature_
@@ -116,7 +113,8 @@ class HPVADE(
     @property
     def simulator(self) -> PseudobulkSimulator:
         """Pseudobulks of known composition from the registered reference, drawn as
-        :meth:`train` drew its own (training pools, the calibrations' half splits)."""
+        :meth:`train` drew its own: ``pool`` (training pools), ``mixtures``, ``half_splits``
+        (the calibrations')."""
         if self.adata is None:
             raise RuntimeError(
                 "This needs the reference the model was trained on: "
@@ -228,11 +226,10 @@ class HPVADE(
     ):
         """Train the model on the registered reference (scvi-tools' ``train``, extended).
 
-        Reference cells are split (stratified by type) into training and validation cells; a
-        pool of pseudobulks is simulated from each part, so validation never sees a training
-        cell. Every cell minibatch is paired with a pseudobulk minibatch of the same size. A
-        model adapted with :meth:`adapt` first returns to its reference-trained S and network;
-        afterwards the flag and the intervals are calibrated.
+        Cells are split by type into training and validation cells, each part simulates its
+        own pseudobulk pool, and every cell minibatch is paired with a pseudobulk minibatch.
+        An adapted model first returns to its reference-trained S and network; afterwards
+        the unexplained-sample flag is calibrated.
 
         Parameters
         ----------
@@ -240,32 +237,21 @@ class HPVADE(
             Epochs; ``None``: :func:`hpvade.train.max_epochs_heuristic` (600 minibatches).
         batch_size
             Cells (and pseudobulks) per minibatch.
-        n_pseudobulk
-            Size of the training pseudobulk pool; the validation pool is a fifth of it.
-        cells_per_pseudobulk
-            Cells summed into each pseudobulk.
-        dirichlet_alpha
-            Dirichlet concentration of the simulated proportions.
-        accelerator
-            Lightning accelerator: ``"cpu"``, ``"gpu"``, ``"mps"`` or ``"auto"``.
-        devices
-            Devices to train on: an int, a list of indices or ``"auto"``.
-        train_size
-            Fraction of each type's cells used for training; the rest validates.
+        n_pseudobulk, cells_per_pseudobulk, dirichlet_alpha
+            Size of the training pool (validation: a fifth), cells summed into each
+            pseudobulk, Dirichlet concentration of their proportions.
+        accelerator, devices, train_size
+            Lightning's accelerator and devices; each type's share of training cells.
         early_stopping
-            Stop when the total validation loss (``validation_loss``: cells, bulk and
-            proportion terms) stops improving.
+            Stop when ``validation_loss`` (cells, bulk and proportion terms) stops improving.
         strict_scale_check
-            Raise instead of warning when the first-batch scale ratio is outside [0.1, 10].
-        datasplitter_kwargs
-            Passed to :class:`~scvi.dataloaders.DataSplitter`.
-        plan_kwargs
-            Passed to :class:`~hpvade.train.HPVADETrainingPlan` (``lr``: 3e-3 by default, ...).
+            Raise, not warn, when the first-batch scale ratio is outside [0.1, 10].
+        datasplitter_kwargs, plan_kwargs
+            For :class:`~scvi.dataloaders.DataSplitter` and
+            :class:`~hpvade.train.HPVADETrainingPlan` (``lr``: 3e-3, ...).
         **trainer_kwargs
-            Passed to :class:`~scvi.train.Trainer` (Lightning), e.g. ``strategy="ddp"``.
-            ``gradient_clip_val`` defaults to 5.0; ``enable_progress_bar`` defaults to whether
-            output goes to a terminal or a notebook. Lightning's notices are quiet unless
-            ``logging.getLogger("hpvade")`` is at DEBUG.
+            For :class:`~scvi.train.Trainer`, e.g. ``strategy="ddp"`` (``gradient_clip_val``:
+            5.0; ``enable_progress_bar``: whether output goes to a terminal or notebook).
         """
         if self.reference_state_ is not None:  # undo an earlier adapt
             self.module.load_bulk_path_state(self.reference_state_)
