@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pandas as pd
 from anndata import AnnData
 from scipy.optimize import nnls
 
 from hpvade.core import rna_to_cell_fractions, rows_sum_to_one
-from hpvade.data._genes import wilcoxon_markers
 from hpvade.data._labels import get_label_codes
 from hpvade.data._matrix import cpm_rows
 from hpvade.data._pseudobulk import cell_totals, mean_per_type
 from hpvade.data._signature import build_signature, scale_columns_to_cpm
+from hpvade.tl import markers
 
 __all__ = [
     "adaptive_nnls_proportions",
@@ -86,35 +88,30 @@ def adaptive_nnls_proportions(
 def marker_genes_wilcoxon(
     reference: AnnData, labels_key: str, n_genes: int = 50, min_log_fold_change: float = 1.0
 ) -> pd.Index:
-    """Per-type marker genes: scanpy's Wilcoxon test, the top ``n_genes`` of each type with a
-    log fold change above ``min_log_fold_change``, pooled.
+    """Deprecated: :func:`hpvade.tl.markers` with ``max_cells_per_type=None``; removed in 0.4.
 
     Parameters
     ----------
-    reference
-        Log1p-normalised reference (not modified).
-    labels_key
-        Column of ``reference.obs`` with cell-type labels.
-    n_genes
-        Markers kept per type.
-    min_log_fold_change
-        Minimum log2 fold change of a marker against the other cells.
+    reference, labels_key, n_genes, min_log_fold_change
+        As for :func:`hpvade.tl.markers`.
 
     Returns
     -------
     Index of the marker genes, type by type.
     """
-    codes, categories = get_label_codes(reference, labels_key)
-    markers = wilcoxon_markers(
-        reference.X,
-        codes,
-        categories,
-        reference.var_names,
-        n_genes,
-        min_log_fold_change,
-        max_cells_per_type=None,
+    warnings.warn(
+        "`hpvade.baselines.marker_genes_wilcoxon` is `hpvade.tl.markers(reference, labels_key, "
+        "max_cells_per_type=None).index`; the old name stops working in 0.4.",
+        FutureWarning,
+        stacklevel=2,
     )
-    return pd.Index(markers.index)
+    return _all_cell_markers(reference, labels_key, n_genes, min_log_fold_change)
+
+
+def _all_cell_markers(reference, labels_key, n_genes, min_log_fold_change) -> pd.Index:
+    """The Wilcoxon markers of every cell (the baselines rank them all)."""
+    found = markers(reference, labels_key, n_genes, min_log_fold_change, max_cells_per_type=None)
+    return pd.Index(found.index)
 
 
 def dampened_nnls_proportions(
@@ -176,7 +173,7 @@ def marker_recipe_proportions(
     -------
     Samples × types proportions (rows sum to 1).
     """
-    markers = marker_genes_wilcoxon(reference, labels_key, n_genes)
+    markers = _all_cell_markers(reference, labels_key, n_genes, 1.0)
     markers = markers[markers.isin(bulk.columns)]
     signature = build_signature(reference, labels_key, counts_layer=counts_layer).loc[markers]
     signature = scale_columns_to_cpm(signature)

@@ -10,9 +10,17 @@ from anndata import AnnData
 
 from hpvade.core import DEFAULT_ROUNDS, ProportionEstimator
 from hpvade.data._bulk import as_bulk_anndata, bulk_to_cpm, on_signature_scale
+from hpvade.data._genes import (
+    DEFAULT_MARKERS_PER_TYPE,
+    MAX_CELLS_PER_TYPE,
+    MIN_LOG_FOLD_CHANGE,
+    wilcoxon_markers,
+)
+from hpvade.data._labels import get_label_codes
+from hpvade.data._matrix import get_matrix
 from hpvade.data._signature import scale_columns_to_cpm
 
-__all__ = ["fit_proportions", "signature_markers"]
+__all__ = ["fit_proportions", "markers", "signature_markers"]
 
 
 def fit_proportions(
@@ -61,9 +69,51 @@ def fit_proportions(
     return pd.DataFrame(fit.proportions, index=bulk.obs_names.copy(), columns=signature.columns)
 
 
+def markers(
+    reference: AnnData,
+    labels_key: str,
+    n_genes: int = DEFAULT_MARKERS_PER_TYPE,
+    min_log_fold_change: float = MIN_LOG_FOLD_CHANGE,
+    layer: str | None = None,
+    max_cells_per_type: int | None = MAX_CELLS_PER_TYPE,
+) -> pd.Series:
+    """Each type's markers, found in its cells: the genes ``HPVADE(genes="markers")`` fits
+    on (scanpy's Wilcoxon test of each type against all other cells).
+
+    Parameters
+    ----------
+    reference
+        Log1p-normalised cells (not modified).
+    labels_key
+        Column of ``reference.obs`` with cell-type labels.
+    n_genes
+        Markers per type: the best ranked with a log2 fold change above
+        ``min_log_fold_change`` (relaxed for a type with fewer than five).
+    layer
+        Layer with the log1p values; ``None``: ``X``.
+    max_cells_per_type
+        Cells per type ranked (a random subset above it, seed 0); ``None``: all.
+
+    Returns
+    -------
+    Series mapping each marker to its type, type by type.
+    """
+    codes, categories = get_label_codes(reference, labels_key)
+    matrix = get_matrix(reference, layer)
+    return wilcoxon_markers(
+        matrix,
+        codes,
+        categories,
+        reference.var_names,
+        n_genes,
+        min_log_fold_change,
+        max_cells_per_type=max_cells_per_type,
+    )
+
+
 def signature_markers(signature: pd.DataFrame, n_genes: int = 5) -> pd.Series:
-    """Top ``n_genes`` marker genes per type: largest log fold change of S against the highest
-    other type (so a marker is specific, not only above average).
+    """Each type's markers, read off a signature (for plots of S; :func:`markers` finds them
+    in the cells): the largest log fold change of S against the highest other type.
 
     Parameters
     ----------

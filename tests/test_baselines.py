@@ -2,6 +2,7 @@
 
 import numpy as np
 import pandas as pd
+import pytest
 
 import hpvade
 
@@ -17,8 +18,12 @@ def test_dampened_nnls_recovers_noiseless_mixtures(pbmc):
 
 def test_marker_recipe_on_held_out_pseudobulks(pbmc_split, test_bulk):
     ref, _ = pbmc_split
-    markers = hpvade.baselines.marker_genes_wilcoxon(ref, LABELS, n_genes=20)
-    assert 30 <= len(markers) <= 200 and markers.is_unique
+    markers = hpvade.tl.markers(ref, LABELS, n_genes=20, max_cells_per_type=None)
+    assert 30 <= len(markers) <= 200 and markers.index.is_unique
+    assert set(markers) == set(ref.obs[LABELS])  # each marker named with its type
+    with pytest.warns(FutureWarning, match="hpvade.tl.markers"):
+        old = hpvade.baselines.marker_genes_wilcoxon(ref, LABELS, n_genes=20)
+    assert old.equals(markers.index)
     bulk = pd.DataFrame(test_bulk.X, test_bulk.obs_names, test_bulk.var_names)
     estimate = hpvade.baselines.marker_recipe_proportions(ref, LABELS, bulk, n_genes=20)
     assert np.allclose(estimate.sum(axis=1), 1.0)

@@ -389,3 +389,12 @@ def test_the_vae_takes_the_markers_then_the_most_variable_other_genes():
     values = np.random.default_rng(0).normal(size=(50, 4)) * np.array([1.0, 4.0, 0.5, 2.0])
     cells = ad.AnnData(sp.csr_matrix(np.abs(values)))
     np.testing.assert_array_equal(variable_genes(cells, None, 3), [1, 3, 0])
+
+
+def test_tl_markers_are_the_genes_the_model_fits_on(pbmc):
+    """One word, one thing: ``tl.markers`` is what ``HPVADE(genes="markers")`` selects."""
+    ref = pbmc.copy()
+    hpvade.HPVADE.setup_anndata(ref, labels_key="bulk_labels")
+    model = hpvade.HPVADE(ref)
+    found = hpvade.tl.markers(ref, "bulk_labels")
+    assert list(found.index) == list(model.selected_genes_)
