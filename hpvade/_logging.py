@@ -14,6 +14,7 @@ import contextlib
 import logging
 import sys
 import warnings
+from collections.abc import Iterable
 
 #: Third-party loggers whose INFO messages are dropped around train and load.
 NOISY_LOGGERS = ("lightning", "lightning.pytorch", "lightning.fabric", "scvi.data._download")
@@ -77,3 +78,13 @@ def quiet_third_party():
 def interactive_output() -> bool:
     """True in a terminal or a notebook: where a progress bar redraws instead of piling up."""
     return sys.stderr.isatty() or "ipykernel" in sys.modules
+
+
+def progress(sequence: Iterable, description: str, total: int | None = None) -> Iterable:
+    """``sequence`` with a progress bar (scvi-tools' ``track``) where one redraws: in a
+    terminal or a notebook; as is in a log file."""
+    if not interactive_output():
+        return sequence
+    from scvi.utils import track
+
+    return track(sequence, description=description, total=total)

@@ -398,3 +398,31 @@ def test_tl_markers_are_the_genes_the_model_fits_on(pbmc):
     model = hpvade.HPVADE(ref)
     found = hpvade.tl.markers(ref, "bulk_labels")
     assert list(found.index) == list(model.selected_genes_)
+
+
+def test_costly_steps_show_progress_where_a_bar_redraws(trained, monkeypatch):
+    """Calibration, signature draws and the cell states show a bar in a terminal or notebook
+    (none in a log file, where ``interactive_output`` is False)."""
+    import copy
+
+    import scvi.utils
+
+    import hpvade._logging
+
+    bars = []
+
+    def recording_track(sequence, description, total=None):
+        bars.append(description)
+        return sequence
+
+    monkeypatch.setattr(scvi.utils, "track", recording_track)
+    model = copy.deepcopy(trained)
+    monkeypatch.setattr(hpvade._logging, "interactive_output", lambda: False)
+    model.calibrate_uncertainty(n_draws=2, n_pseudobulk=20)
+    assert bars == []
+    monkeypatch.setattr(hpvade._logging, "interactive_output", lambda: True)
+    model.signature_ratios_ = None  # drawn again
+    model.calibrate_uncertainty(n_draws=2, n_pseudobulk=20)
+    model.cell_states_ = None
+    model.cell_states()
+    assert bars == ["Calibrating", "Drawing signatures", "Cell states"], bars

@@ -12,6 +12,7 @@ from anndata import AnnData
 from scvi import settings
 
 from hpvade._compat import renamed_keywords
+from hpvade._logging import progress
 from hpvade._random import default_rng
 from hpvade.core import ADAPT_OPTIONS, ProportionEstimator, adapt_to_cohort
 from hpvade.data._bulk import as_bulk_anndata, prepare_bulk
@@ -199,7 +200,7 @@ class AdaptationMixin:
         optimizer = torch.optim.Adam(params, lr=1e-3)
         module.deconv_net.train()
         with torch.enable_grad():
-            for _ in range(n_steps):
+            for _ in progress(range(n_steps), "Fine-tuning the network"):
                 optimizer.zero_grad()
                 loss = torch.nn.functional.mse_loss(module.deconvolve(x), y)
                 loss.backward()

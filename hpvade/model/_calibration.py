@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from hpvade._compat import renamed_keywords
+from hpvade._logging import progress
 from hpvade._random import default_rng
 from hpvade.core import (
     DRAW_ROUNDS,
@@ -58,8 +59,9 @@ class CalibrationMixin:
             n_splits = int(np.clip(np.ceil(ADAPTED_CALIBRATION_PSEUDOBULKS / cohort), 2, 4))
             splits = self.simulator.half_splits(cohort, rng, n_splits)
         else:
-            splits = self.simulator.half_splits(n_pseudobulk, rng)
-        for signature, cpm, truth in splits:
+            n_splits = 2
+            splits = self.simulator.half_splits(n_pseudobulk, rng, n_splits)
+        for signature, cpm, truth in progress(splits, "Calibrating", total=n_splits):
             initial = self.module.predict_proportions(cpm)
             half = ProportionEstimator(signature, fit_genes)
             if not adapted:
@@ -228,7 +230,7 @@ class CalibrationMixin:
             inference = self.module.inference(**self.module._get_inference_input(tensors))
             posteriors.append((inference["qz"], inference["library"]))
         profiles = []
-        for _ in range(n_draws):
+        for _ in progress(range(n_draws), "Drawing signatures"):
             decoded = torch.cat(
                 [self.module.generative(qz.sample(), lib)["px_scale"] for qz, lib in posteriors]
             )

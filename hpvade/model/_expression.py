@@ -12,6 +12,7 @@ import torch
 from anndata import AnnData
 from scvi import settings
 
+from hpvade._logging import progress
 from hpvade.core import (
     CellStates,
     StateEvidence,
@@ -284,7 +285,7 @@ class ExpressionMixin:
         total = torch.zeros(
             n_states, self.module.n_vae_genes, dtype=torch.float64, device=latent.device
         )
-        for start in range(0, totals.size, 1024):
+        for start in progress(range(0, totals.size, 1024), "Cell states"):
             rows = slice(start, start + 1024)
             scale = self.module.generative(latent[rows], library[rows])["px_scale"].double()
             total.index_add_(0, index[rows], scale * weights[rows, None])
