@@ -19,7 +19,7 @@ _MOVED_MODULES = {
     "hpvade._estimator": "hpvade.core._estimator",
     "hpvade._signature_fit": "hpvade.core._signature_fit",
     "hpvade._solvers": "hpvade.core._estimator",
-    "hpvade._intervals": "hpvade.core._intervals",
+    "hpvade._intervals": "hpvade.core._calibration",
 }
 for _old, _new in _MOVED_MODULES.items():
     sys.modules.setdefault(_old, importlib.import_module(_new))

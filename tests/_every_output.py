@@ -23,8 +23,9 @@ def load_saved_model() -> tuple[hpvade.HPVADE, ad.AnnData]:
 
 
 def every_output() -> dict[str, np.ndarray]:
-    """Proportions of both kinds and both methods, the scores, the unknown share, intervals,
-    whole-sample fractions, cell-type expression, then adapt and the adapted proportions."""
+    """Proportions of both kinds and both methods, the scores, the unknown share, the flag's
+    threshold and the intervals (calibrated again), whole-sample fractions, cell-type
+    expression, then adapt, its threshold, the adapted proportions and their intervals."""
     scvi.settings.seed = 0
     model, bulk = load_saved_model()
     out = {}
@@ -34,8 +35,11 @@ def every_output() -> dict[str, np.ndarray]:
             out[f"p_{kind}_{method}"] = model.get_proportions(part, kind=kind, method=method)
             for key in part.obs.columns:
                 out[f"obs_{kind}_{method}_{key}"] = part.obs[key].to_numpy(float)
+    out["threshold"] = model.calibrate_unexplained()
+    model.interval_scale_ = model.signature_ratios_ = None  # calibrated again, as after train
     part = bulk.copy()
     model.get_proportions(part, n_draws=10)
+    out["interval_scale"] = model.interval_scale_
     for end in ("std", "lower", "upper"):
         out[f"interval_{end}"] = part.obsm[f"hpvade_proportions_{end}"]
     share = np.full(bulk.n_obs, np.nan)
@@ -45,7 +49,10 @@ def every_output() -> dict[str, np.ndarray]:
     for cell_type, table in model.get_cell_type_expression(bulk.copy()).items():
         out[f"expression_{cell_type}"] = table
     out["adapt"] = np.array(model.adapt(bulk.copy())["validation_error"])
-    out["p_adapted"] = model.get_proportions(bulk.copy())
+    out["threshold_adapted"] = model.unexplained_threshold_
+    part = bulk.copy()
+    out["p_adapted"] = model.get_proportions(part, n_draws=5)
+    out["interval_adapted_lower"] = part.obsm["hpvade_proportions_lower"]
     return {k: np.asarray(v, dtype=float) for k, v in out.items()}
 
 

@@ -13,7 +13,8 @@ from bulk samples and the signature S, as numpy / numba / torch functions that n
 - ``_diagnostics``: what a fit says of each sample beyond its proportions: scores on the
   Anscombe scale (also the training's bulk loss), the share the reference's types cannot
   explain, and fractions of cells, of RNA or of the whole sample;
-- ``_intervals``: interval maths and the split-conformal scale;
+- ``_calibration``: the calibrator beside the estimator: the flag's threshold and the
+  intervals' split-conformal scale from fits of known composition, and the interval maths;
 - ``_states`` / ``_state_evidence``: cell states, each sample's state weights, how far the
   cohort's evidence lets each type follow them;
 - ``_allocation``: each gene's bulk split among the types (per-sample profiles, cohort
@@ -28,6 +29,7 @@ from hpvade.core._allocation import (
     split_bulk,
 )
 from hpvade.core._blockwise import BLOCK_SCORES, BlockDeconvolution
+from hpvade.core._calibration import conformal_scale, flag_threshold, interval, interval_scale
 from hpvade.core._diagnostics import (
     UnknownShareMap,
     anscombe,
@@ -47,7 +49,6 @@ from hpvade.core._estimator import (
     ProportionFit,
     proportion_fit,
 )
-from hpvade.core._intervals import conformal_scale, interval
 from hpvade.core._robust_kernel import rows_sum_to_one, weighted_nnls
 from hpvade.core._signature_fit import ADAPT_OPTIONS, adapt_to_cohort
 from hpvade.core._state_evidence import StateEvidence, evidence_weighted_profiles
@@ -70,6 +71,8 @@ __all__ = [
     "cluster_states",
     "cohort_type_factors",
     "conformal_scale",
+    "flag_threshold",
+    "interval_scale",
     "evidence_weighted_profiles",
     "split_bulk",
     "scale_profiles",

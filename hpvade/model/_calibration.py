@@ -13,14 +13,7 @@ import torch
 from hpvade._compat import renamed_keywords
 from hpvade._logging import progress
 from hpvade._random import default_rng
-from hpvade.core import (
-    DRAW_ROUNDS,
-    ProportionEstimator,
-    adapt_to_cohort,
-    conformal_scale,
-    sample_scores,
-    unexplained_expression,
-)
+from hpvade.core import ProportionEstimator, adapt_to_cohort, flag_threshold, interval_scale
 
 logger = logging.getLogger(__name__)
 
@@ -110,15 +103,8 @@ class CalibrationMixin:
         return self._calibrate_unexplained_on(list(fits), quantile)
 
     def _calibrate_unexplained_on(self, fits, quantile: float) -> float:
-        scores = [
-            sample_scores(unexplained_expression, cpm, estimate, signature)
-            for signature, cpm, _, estimate, _ in fits
-        ]
-        # Unadapted: half-reference signatures about double the score's noise, hence the
-        # half. Adapted: each half-split S is adapted to its own pseudobulks, as the served S
-        # is to the user's bulk, so the scores are on the served footing: no halving.
-        factor = 1.0 if self.gene_weights_ is not None else 0.5
-        self.unexplained_threshold_ = factor * float(np.quantile(np.concatenate(scores), quantile))
+        adapted = self.gene_weights_ is not None
+        self.unexplained_threshold_ = flag_threshold(fits, quantile, adapted)
         logger.info("Unexplained-sample threshold: %.4g.", self.unexplained_threshold_)
         return self.unexplained_threshold_
 
@@ -171,15 +157,8 @@ class CalibrationMixin:
     def _calibrate_uncertainty_on(self, fits, n_draws, coverage, rng) -> np.ndarray:
         if self.signature_ratios_ is None or len(self.signature_ratios_) != n_draws:
             self.signature_ratios_ = self._signature_ratios(n_draws, rng).astype(np.float32)
-        ratios = self.signature_ratios_
-        truths, estimates, draws = [], [], []
         fit_genes = self.estimator().fit_genes
-        for signature, cpm, truth, estimate, weights in fits:
-            half = ProportionEstimator(signature, fit_genes, weights)
-            draws.append(half.draws(cpm, estimate, ratios, DRAW_ROUNDS))
-            truths.append(truth)
-            estimates.append(estimate)
-        self.interval_scale_ = conformal_scale(truths, estimates, draws, coverage)
+        self.interval_scale_ = interval_scale(fits, self.signature_ratios_, fit_genes, coverage)
         logger.info("Interval scales per type: %s.", np.round(self.interval_scale_, 3))
         return self.interval_scale_
 
