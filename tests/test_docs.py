@@ -283,3 +283,31 @@ def test_changelog_unreleased_figures_come_from_the_results_files_each_entry_cit
         found = [re.search(rf"(?<![\d.]){re.escape(f)}(?!\d)", results) for f in figures]
         missing = [f for f, hit in zip(figures, found, strict=True) if not hit]
         assert not missing, f"CHANGELOG entry {entry[:80]!r}: {missing} are in none of {cited}"
+
+
+def test_pages_name_the_commit_of_every_results_file_they_cite():
+    """README and docs pages write each citation of a results file with the commit the file
+    was produced at ("`benchmarks/results/real.md` at ac862a7"): a re-run benchmark fails
+    this until the pages that quote it are read again."""
+    import re
+
+    root = Path(hpvade.__file__).parents[1]
+    results = root / "benchmarks" / "results"
+    produced = {
+        path.name: re.search(r"at commit ([0-9a-f]{7})", path.read_text()).group(1)
+        for path in results.glob("*.md")
+    }
+    stale = []
+    for page in [root / "README.md", *sorted((root / "docs").glob("*.md"))]:
+        text = page.read_text()
+        for name in re.findall(r"(?<![\w/])(\w+\.md)`", text):
+            if name in produced:
+                stale.append(f"{page.name}: `{name}` without its path and commit")
+        for name, commit in re.findall(
+            r"`benchmarks/results/(\w+\.md)`(?: at ([0-9a-f]{7}))?", text
+        ):
+            if commit != produced.get(name):
+                stale.append(
+                    f"{page.name}: {name} at {commit or '?'}, produced at {produced.get(name)}"
+                )
+    assert not stale, "\n".join(stale)
