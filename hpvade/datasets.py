@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import numpy as np
 from anndata import AnnData
 
+from hpvade._random import default_rng as _default_rng
 from hpvade.data._split import random_cells_per_type as _random_cells_per_type
 
 PBMC_LABELS_KEY = "bulk_labels"
@@ -30,7 +30,7 @@ def pbmc68k_reference() -> AnnData:
 
 
 def split_by_type(
-    adata: AnnData, labels_key: str, fraction: float = 0.5, seed: int = 0
+    adata: AnnData, labels_key: str, fraction: float = 0.5, seed: int | None = None
 ) -> tuple[AnnData, AnnData]:
     """Split cells into two AnnData, stratified by type (``fraction`` of each type goes first).
 
@@ -45,7 +45,7 @@ def split_by_type(
     fraction
         Share of each type's cells that goes to the first part.
     seed
-        Seed of the random permutation.
+        Seed of the random permutation; ``None``: ``scvi.settings.seed``.
 
     Returns
     -------
@@ -55,6 +55,6 @@ def split_by_type(
     first = _random_cells_per_type(
         codes,
         lambda n: min(max(int(round(fraction * n)), 1), max(n - 1, 1)),
-        np.random.default_rng(seed),
+        _default_rng(seed),
     )
     return adata[first].copy(), adata[~first].copy()

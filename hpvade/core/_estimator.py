@@ -100,24 +100,11 @@ def robust_dampened_fit(
     estimate_power: bool = True,
     device: str | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Dampened weighted least squares with robust gene weights, per sample.
-
-    Each round solves ``min_c sum_g w_g (b_g - (S c)_g)^2``, ``c >= 0``, exactly, with
-    ``w_g = 1 / fitted_g^a`` capped at ``weight_cap`` times the sample's median weight. The
-    variance power ``a`` is measured in every round from the sample's own residuals
-    (:func:`variance_power`, between 1 and 2): 2 means relative errors, as DWLS and Rectangle
-    weigh genes, right where protocol and biological variation dominate; near 1 counting noise
-    dominates and relative weights would over-trust the weakly expressed genes. The weights
-    are multiplied by a Tukey biweight of the gene's log
-    ratio ``log2((b + 1) / (fitted + 1))`` centred on the sample's median ratio and scaled by
-    ``tukey_cutoff`` robust standard deviations. A gene a protocol distorts (3' UMI reference
-    against full-length bulk, gene length in read counts) or that cells missing from the
-    reference express falls outside and stops pulling the fit. The coefficients are not
-    constrained to sum to 1: their sum is the share of the sample's expression that the
-    known types explain.
-
-    The choices (biweight, cap, measured power) were measured on real PBMC bulk against flow
-    cytometry and on pseudobulk scenarios (``benchmarks/real.py``, ``benchmarks/robustness.py``).
+    """Dampened weighted least squares with robust gene weights, per sample (docs: "Proportions
+    of a new bulk"): each round solves ``min_c sum_g w_g (b_g - (S c)_g)^2``, ``c >= 0``, with
+    ``w_g = 1 / fitted_g^a`` capped, ``a`` measured from the sample's residuals
+    (:func:`variance_power`), times a Tukey biweight of the gene's log ratio to the fit. The
+    coefficients are not constrained to sum to 1.
 
     Parameters
     ----------
@@ -129,18 +116,14 @@ def robust_dampened_fit(
         Starting proportions (samples × types), e.g. the network's output; ``None`` starts
         from unweighted non-negative least squares.
     n_rounds
-        Re-weighting rounds at most; a sample stops once its coefficients change by less than
-        ``ROUND_TOLERANCE`` (relative) between rounds.
-    weight_cap
-        Cap of the dampened weights, in multiples of the sample's median weight.
-    tukey_cutoff
-        Biweight cut-off in robust standard deviations of the log ratios.
+        Re-weighting rounds at most (a sample stops once it moves less than
+        ``ROUND_TOLERANCE``).
+    weight_cap, tukey_cutoff
+        Cap of the weights (times the sample's median weight); biweight cut-off (robust SDs).
     estimate_power
         Measure the variance power per sample and round; ``False``: ``a = 2`` throughout.
     device
-        A torch device other than the CPU (``"cuda"``): the same rounds in torch there, all
-        samples at once (:mod:`hpvade.core._robust_torch`). ``None`` or ``"cpu"``: the compiled
-        kernels.
+        A torch device other than the CPU: the same rounds in torch (``_robust_torch``).
 
     Returns
     -------

@@ -9,6 +9,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 from anndata import AnnData
+from scvi import settings
 
 from hpvade._compat import renamed_keywords
 from hpvade._constants import (
@@ -131,7 +132,7 @@ def simulate_pseudobulk(
     cells_per_pseudobulk: int = DEFAULT_CELLS_PER_PSEUDOBULK,
     dirichlet_alpha: float = DEFAULT_DIRICHLET_ALPHA,
     layer: str | None = None,
-    seed: int = 0,
+    seed: int | None = None,
     *,
     counts_layer: str | None = None,
     counts: bool = False,
@@ -159,7 +160,7 @@ def simulate_pseudobulk(
     layer
         Layer with log1p-normalised values; ``None`` uses ``adata.X``.
     seed
-        Seed of the random generator; the same seed gives the same output.
+        Seed of the random generator; ``None``: ``scvi.settings.seed``.
     counts_layer
         Layer with raw counts, as in :meth:`hpvade.HPVADE.setup_anndata`: when given, counts
         are summed as they are (instead of ``expm1`` of ``layer``), cells carry their own RNA
@@ -182,6 +183,7 @@ def simulate_pseudobulk(
     layer, counts = resolve_counts_layer(layer, counts_layer, counts)
     codes, categories = get_label_codes(adata, labels_key)
     validate_input(adata, layer, counts)
+    seed = int((settings.seed or 0) if seed is None else seed)
     rng = np.random.default_rng(seed)
     cell_counts, fractions = sample_cell_counts(
         codes, len(categories), n_pseudobulk, cells_per_pseudobulk, dirichlet_alpha, rng
