@@ -72,3 +72,20 @@ def test_counts_layer_is_summed_linearly():
     counts = adata.layers["counts"].toarray()
     mask = (adata.obs["cell_type"] == "type1").to_numpy()
     np.testing.assert_allclose(S["type1"], counts[mask].sum(0) / counts[mask].sum() * 1e6)
+
+
+@pytest.mark.parametrize(
+    ("layer", "log1p", "dense"), [(None, True, False), ("counts", False, True)]
+)
+def test_one_pass_gives_the_type_sums_and_cell_totals_of_two(layer, log1p, dense):
+    """The model reads its reference once for S and the cells' totals: the same values as
+    the two separate passes, bit for bit."""
+    from hpvade.data._pseudobulk import cell_totals
+    from hpvade.data._reference import type_sums_and_cell_totals
+    from hpvade.data._signature import aggregate_by_type
+
+    adata = make_reference(sparse=not dense)
+    codes = adata.obs["cell_type"].cat.codes.to_numpy().astype(np.int64)
+    sums, totals = type_sums_and_cell_totals(adata, codes, 3, layer, log1p, chunk_size=37)
+    np.testing.assert_array_equal(sums, aggregate_by_type(adata, codes, 3, layer, log1p, 37))
+    np.testing.assert_array_equal(totals, cell_totals(adata, layer, log1p, 37))

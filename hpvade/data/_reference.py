@@ -16,9 +16,11 @@ from hpvade.data._genes import (
     variable_genes,
     wilcoxon_markers,
 )
-from hpvade.data._matrix import get_matrix
+from hpvade.data._labels import indicator_matrix
+from hpvade.data._matrix import DEFAULT_CHUNK_SIZE, get_matrix, iter_row_chunks, to_linear
 from hpvade.data._pseudobulk import mean_per_type
-from hpvade.data._signature import aggregate_by_type, cpm_columns, warn_if_flat
+from hpvade.data._signature import cpm_columns, warn_if_flat
+from hpvade.data._simulator import PseudobulkSimulator
 
 logger = logging.getLogger(__name__)
 
@@ -46,27 +48,48 @@ class ReferenceSummary:
 
 
 def summarise_reference(
-    adata: AnnData,
+    simulator: PseudobulkSimulator,
     var_names: pd.Index,
-    codes: np.ndarray,
     cell_types: pd.Index,
     log_layer: str | None,
-    counts_layer: str | None,
-    cell_totals,
     genes,
     stacklevel: int = 2,
 ) -> ReferenceSummary:
     """S, the per-type cells and RNA content, and the fit's genes from ``genes`` (see
-    :class:`~hpvade.HPVADE`); ``cell_totals()`` gives each cell's total counts."""
-    n_types = len(cell_types)
-    layer, log1p = (log_layer, True) if counts_layer is None else (counts_layer, False)
-    signature = cpm_columns(aggregate_by_type(adata, codes, n_types, layer, log1p))
+    :class:`~hpvade.HPVADE`), from the simulator's reference: the linear values are read
+    once for S and each cell's total (kept by the simulator for the calibrations)."""
+    adata, codes, n_types = simulator.adata, simulator.codes, len(cell_types)
+    sums, totals = type_sums_and_cell_totals(
+        adata, codes, n_types, simulator.layer, simulator.log1p
+    )
+    simulator.set_cell_totals(totals)
+    signature = cpm_columns(sums)
     warn_if_flat(signature, stacklevel=stacklevel + 1)
-    content = None if log1p else mean_per_type(cell_totals(), codes, n_types)
+    content = None if simulator.log1p else mean_per_type(totals, codes, n_types)
     markers = lambda: wilcoxon_markers(get_matrix(adata, log_layer), codes, cell_types, var_names)
     selected = resolve_gene_selection(genes, var_names, markers)
     logger.info("The proportion fit uses %d of %d genes.", len(selected), adata.n_vars)
     return ReferenceSummary(signature, np.bincount(codes, minlength=n_types), content, selected)
+
+
+def type_sums_and_cell_totals(
+    adata: AnnData,
+    codes: np.ndarray,
+    n_types: int,
+    layer: str | None,
+    log1p: bool,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Each type's summed linear expression (types × genes, as
+    :func:`~hpvade.data._signature.aggregate_by_type`) and each cell's total (as
+    :func:`~hpvade.data._pseudobulk.cell_totals`), in one pass over the cells."""
+    sums, totals = np.zeros((n_types, adata.n_vars)), np.zeros(adata.n_obs)
+    for start, stop, block in iter_row_chunks(adata, layer, chunk_size):
+        linear = to_linear(block, log1p)
+        part = indicator_matrix(codes[start:stop], n_types) @ linear
+        sums += part.toarray() if hasattr(part, "toarray") else part
+        totals[start:stop] = np.asarray(linear.sum(axis=1)).ravel()
+    return sums, totals
 
 
 def select_vae_genes(

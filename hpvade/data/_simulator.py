@@ -67,6 +67,10 @@ class PseudobulkSimulator:
             self._totals = cell_totals(self.adata, self.layer, self.log1p)
         return self._totals
 
+    def set_cell_totals(self, totals: np.ndarray) -> None:
+        """Keep each cell's total, read once with S (:func:`summarise_reference`)."""
+        self._totals = np.asarray(totals, dtype=np.float64)
+
     def cells_by_type(self, max_per_type: int, rng: np.random.Generator) -> list[np.ndarray]:
         """Each type's cells (sorted indices), a random subset above ``max_per_type``."""
         members = []

@@ -170,13 +170,10 @@ class HPVADE(
         self.reference_signature_ = signature = None
         if adata is not None:
             summary = summarise_reference(
-                self.adata,
+                self.simulator,
                 self.var_names,
-                self.simulator.codes,
                 self.cell_types,
                 setup_args.get("layer"),
-                setup_args.get("counts_layer"),
-                self.simulator.cell_totals,
                 genes,
                 stacklevel=settings.warnings_stacklevel,
             )
