@@ -129,7 +129,7 @@ def unknown_share(
     wrong by a constant factor) does not follow them. A single sample counts its own genes.
 
     It ranks samples by a missing type's share but reads far below it: the missing cells also
-    express genes the known types explain (``benchmarks/results/unknown.md``). One minus the
+    express genes the known types explain (docs page "Real bulk data"). One minus the
     fit's coefficient sum (EPIC's and Rectangle's reading) fails where a similar known type
     absorbs the missing one.
 

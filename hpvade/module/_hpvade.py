@@ -42,15 +42,15 @@ class HPVADEModule(BaseModuleClass):
     prototype_weight, bulk_weight, proportion_weight
         Weights of the prototype, bulk-reconstruction and proportion loss terms. The first two
         are 0 by default: with S kept at the reference signature they changed no proportion
-        and no cell-type expression (``benchmarks/results/expression.md``, ``real_ablation.md``);
-        both terms are still computed and logged.
+        and no cell-type expression (docs page "The model and its losses"); both terms are
+        still computed and logged.
     use_counts
         Reconstruct the registered raw-count layer instead of ``expm1(X)``.
     use_vae
         Train the single-cell path (reconstruction, KL, prototype). ``False`` is an ablation.
     learn_signature
         Let training move S. ``False`` (default) keeps the reference signature: a learned S
-        changed no proportion on real bulk (``benchmarks/results/real_ablation.md``).
+        changed no proportion on real bulk (docs page "The model and its losses").
     vae_genes
         Indices of the genes the networks model (``None``: all): the VAE encodes and
         reconstructs them, the deconvolution network reads them. S keeps all ``n_input`` genes.
