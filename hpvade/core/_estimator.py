@@ -34,7 +34,7 @@ from hpvade.core._robust_kernel import (
 )
 from hpvade.data._signature import scale_columns_to_cpm
 
-#: Re-weighting rounds of the served fit (``refine_steps`` of ``get_proportions``).
+#: Re-weighting rounds of the served fit (``n_rounds`` of ``get_proportions``).
 DEFAULT_ROUNDS = 30
 #: A sample's rounds stop once its coefficients change by less than this (relative L1).
 ROUND_TOLERANCE = 1e-5
@@ -226,17 +226,17 @@ def proportion_fit(
     bulk_cpm: np.ndarray,
     signature: np.ndarray,
     initial: np.ndarray,
-    refine_steps: int,
+    n_rounds: int,
     gene_weights: np.ndarray | None = None,
     genes: np.ndarray | None = None,
     device: str | None = None,
 ) -> ProportionFit:
     """The proportion fit a model serves, in one place.
 
-    - ``refine_steps <= 0``: ``initial`` as is (the network's output).
+    - ``n_rounds <= 0``: ``initial`` as is (the network's output).
     - With ``gene_weights`` (an adapted model): :func:`weighted_nnls` on every gene with a
       positive weight, exact, warm-started at ``initial``.
-    - Otherwise: ``refine_steps`` rounds of :func:`robust_dampened_fit` on the rows ``genes``
+    - Otherwise: ``n_rounds`` rounds of :func:`robust_dampened_fit` on the rows ``genes``
       (the model's selected genes; ``None``: all), started at ``initial``, on ``device``
       when that is an accelerator (see :func:`robust_dampened_fit`).
 
@@ -246,14 +246,14 @@ def proportion_fit(
     and, for the robust fit, how often each of its genes was set aside.
     """
     initial = np.asarray(initial, dtype=float)
-    if refine_steps <= 0:
+    if n_rounds <= 0:
         return ProportionFit(initial, np.ones(initial.shape[0]))
     if gene_weights is not None:
         coef = weighted_coefficients(bulk_cpm, signature, np.asarray(gene_weights, float), initial)
         return ProportionFit(rows_sum_to_one(coef), coef.sum(axis=1))
     if genes is not None:
         bulk_cpm, signature = bulk_cpm[:, genes], signature[genes]
-    coef, weights = robust_dampened_fit(bulk_cpm, signature, initial, refine_steps, device=device)
+    coef, weights = robust_dampened_fit(bulk_cpm, signature, initial, n_rounds, device=device)
     return ProportionFit(rows_sum_to_one(coef), coef.sum(axis=1), (weights == 0).mean(axis=0))
 
 
