@@ -9,7 +9,7 @@ import pandas as pd
 from anndata import AnnData
 
 from hpvade.core import DEFAULT_ROUNDS, ProportionEstimator
-from hpvade.data._bulk import as_bulk_anndata, bulk_to_cpm, on_signature_scale
+from hpvade.data._bulk import as_bulk_anndata, prepare_bulk
 from hpvade.data._genes import (
     DEFAULT_MARKERS_PER_TYPE,
     MAX_CELLS_PER_TYPE,
@@ -60,10 +60,11 @@ def fit_proportions(
     """
     bulk = as_bulk_anndata(bulk)
     values = scale_columns_to_cpm(signature.to_numpy(dtype=float))
-    cpm = bulk_to_cpm(bulk, signature.index, layer, allow_missing=True)
-    found = np.asarray(signature.index.isin(bulk.var_names))
-    on_signature_scale(cpm, values, found)
     used = np.ones(len(signature), dtype=bool) if genes is None else signature.index.isin(genes)
+    prepared = prepare_bulk(
+        bulk, layer, signature.index, values, used, None, stacklevel=3, written=False
+    )
+    cpm, found = prepared.cpm, prepared.found
     initial = np.full((cpm.shape[0], values.shape[1]), 1.0 / values.shape[1])
     fit = ProportionEstimator(values, used).fit(cpm, initial, n_rounds, found)
     return pd.DataFrame(fit.proportions, index=bulk.obs_names.copy(), columns=signature.columns)

@@ -344,3 +344,17 @@ def _ensembl_model_bulk(table):
     ids = pd.Index([f"ENSG{i:011d}" for i in range(table.shape[1])])
     bulk = ad.AnnData(table.to_numpy(), var=pd.DataFrame(index=ids + ".7"))
     return bulk, ids
+
+
+def test_fit_proportions_without_a_model_checks_a_bulk_as_the_model_does(pbmc, test_bulk):
+    """One preparation of a bulk: ``tl.fit_proportions`` names the gene fix as
+    ``get_proportions`` does, and fits a view (it writes nothing)."""
+    signature = hpvade.pp.build_signature(pbmc, "bulk_labels")
+    table = pd.DataFrame(test_bulk.X[:8], test_bulk.obs_names[:8], test_bulk.var_names)
+    lower = table.copy()
+    lower.columns = table.columns.str.lower()
+    with pytest.raises(ValueError, match=r"another case \(e.g. 'hes4' for 'HES4'\).*upper"):
+        hpvade.tl.fit_proportions(lower, signature)
+    view = test_bulk[:8]
+    fitted = hpvade.tl.fit_proportions(view, signature)
+    np.testing.assert_allclose(fitted.sum(axis=1), 1.0)

@@ -297,6 +297,7 @@ def prepare_bulk(
     fit_genes: np.ndarray,
     selected: pd.Index | None,
     stacklevel: int = 2,
+    written: bool = True,
 ) -> PreparedBulk:
     """The checks and the CPM every model path that takes a bulk shares: the genes' names
     first, then their values.
@@ -313,8 +314,10 @@ def prepare_bulk(
         The model's selected genes, in their order (for the report; ``None``: all).
     stacklevel
         Of the warning on missing fit genes, counted from this function (2: its caller).
+    written
+        Whether results will be written to ``bulk`` (then a view is refused).
     """
-    if bulk.is_view:
+    if written and bulk.is_view:
         raise ValueError(
             "`bulk` is a view of another AnnData; results are written to its obsm and obs. "
             "Pass a copy: `bulk = bulk[mask].copy()`."
