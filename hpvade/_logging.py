@@ -80,10 +80,25 @@ def interactive_output() -> bool:
     return sys.stderr.isatty() or "ipykernel" in sys.modules
 
 
+#: Whether ``progress`` may draw: off inside ``without_progress_bars`` (a ``train`` called with
+#: ``enable_progress_bar=False`` keeps its calibration quiet too).
+_BARS_ALLOWED = [True]
+
+
+@contextlib.contextmanager
+def without_progress_bars(quiet: bool = True):
+    """No :func:`progress` bar inside (when ``quiet``)."""
+    _BARS_ALLOWED.append(not quiet and _BARS_ALLOWED[-1])
+    try:
+        yield
+    finally:
+        _BARS_ALLOWED.pop()
+
+
 def progress(sequence: Iterable, description: str, total: int | None = None) -> Iterable:
     """``sequence`` with a progress bar (scvi-tools' ``track``) where one redraws: in a
     terminal or a notebook; as is in a log file."""
-    if not interactive_output():
+    if not (_BARS_ALLOWED[-1] and interactive_output()):
         return sequence
     from scvi.utils import track
 

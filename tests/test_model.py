@@ -426,3 +426,8 @@ def test_costly_steps_show_progress_where_a_bar_redraws(trained, monkeypatch):
     model.cell_states_ = None
     model.cell_states()
     assert bars == ["Calibrating", "Drawing signatures", "Cell states"], bars
+    # a train asked for no bar calibrates without one too
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model.train(max_epochs=1, enable_progress_bar=False)
+    assert bars == ["Calibrating", "Drawing signatures", "Cell states"], bars

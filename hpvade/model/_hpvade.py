@@ -17,7 +17,7 @@ from scvi.utils import setup_anndata_dsp
 
 from hpvade._compat import renamed_keywords
 from hpvade._constants import COUNTS_KEY
-from hpvade._logging import interactive_output, quiet_third_party
+from hpvade._logging import interactive_output, quiet_third_party, without_progress_bars
 from hpvade.data._labels import get_label_codes
 from hpvade.data._pseudobulk import DEFAULT_CELLS_PER_PSEUDOBULK, DEFAULT_DIRICHLET_ALPHA
 from hpvade.data._reference import select_vae_genes, summarise_reference
@@ -301,7 +301,8 @@ class HPVADE(
             )
         self.scale_check_ = self.trainer.lightning_module.scale_check
         self.reference_state_ = self.module.bulk_path_state()
-        self.calibrate_unexplained()
+        with without_progress_bars(not trainer_kwargs["enable_progress_bar"]):
+            self.calibrate_unexplained()
         return result
 
     @classmethod
