@@ -80,6 +80,8 @@ def interactive_output() -> bool:
     return sys.stderr.isatty() or "ipykernel" in sys.modules
 
 
+#: Seconds before a progress bar appears (with tqdm): a step that ends sooner shows none.
+PROGRESS_DELAY = 2.0
 #: Whether ``progress`` may draw: off inside ``without_progress_bars`` (a ``train`` called with
 #: ``enable_progress_bar=False`` keeps its calibration quiet too).
 _BARS_ALLOWED = [True]
@@ -100,6 +102,9 @@ def progress(sequence: Iterable, description: str, total: int | None = None) -> 
     terminal or a notebook; as is in a log file."""
     if not (_BARS_ALLOWED[-1] and interactive_output()):
         return sequence
+    from scvi import settings
     from scvi.utils import track
 
-    return track(sequence, description=description, total=total)
+    # tqdm (scvi-tools' default style) shows a bar only once a step has run this long
+    quick = {"delay": PROGRESS_DELAY} if settings.progress_bar_style == "tqdm" else {}
+    return track(sequence, description=description, total=total, **quick)

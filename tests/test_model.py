@@ -411,7 +411,7 @@ def test_costly_steps_show_progress_where_a_bar_redraws(trained, monkeypatch):
 
     bars = []
 
-    def recording_track(sequence, description, total=None):
+    def recording_track(sequence, description, total=None, **kwargs):
         bars.append(description)
         return sequence
 
