@@ -16,10 +16,9 @@ from hpvade.data._genes import (
     variable_genes,
     wilcoxon_markers,
 )
-from hpvade.data._labels import indicator_matrix
-from hpvade.data._matrix import DEFAULT_CHUNK_SIZE, get_matrix, iter_row_chunks, to_linear
+from hpvade.data._matrix import get_matrix
 from hpvade.data._pseudobulk import mean_per_type
-from hpvade.data._signature import cpm_columns, warn_if_flat
+from hpvade.data._signature import cpm_columns, type_sums_and_cell_totals, warn_if_flat
 from hpvade.data._simulator import PseudobulkSimulator
 
 logger = logging.getLogger(__name__)
@@ -70,26 +69,6 @@ def summarise_reference(
     selected = resolve_gene_selection(genes, var_names, markers)
     logger.info("The proportion fit uses %d of %d genes.", len(selected), adata.n_vars)
     return ReferenceSummary(signature, np.bincount(codes, minlength=n_types), content, selected)
-
-
-def type_sums_and_cell_totals(
-    adata: AnnData,
-    codes: np.ndarray,
-    n_types: int,
-    layer: str | None,
-    log1p: bool,
-    chunk_size: int = DEFAULT_CHUNK_SIZE,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Each type's summed linear expression (types × genes, as
-    :func:`~hpvade.data._signature.aggregate_by_type`) and each cell's total (as
-    :func:`~hpvade.data._pseudobulk.cell_totals`), in one pass over the cells."""
-    sums, totals = np.zeros((n_types, adata.n_vars)), np.zeros(adata.n_obs)
-    for start, stop, block in iter_row_chunks(adata, layer, chunk_size):
-        linear = to_linear(block, log1p)
-        part = indicator_matrix(codes[start:stop], n_types) @ linear
-        sums += part.toarray() if hasattr(part, "toarray") else part
-        totals[start:stop] = np.asarray(linear.sum(axis=1)).ravel()
-    return sums, totals
 
 
 def select_vae_genes(

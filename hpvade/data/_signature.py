@@ -33,11 +33,27 @@ def aggregate_by_type(
     Returns a dense (types × genes) array; the reference is read in row chunks and only
     each chunk's linear-scale copy is ever held.
     """
-    total = np.zeros((n_types, adata.n_vars))
+    return type_sums_and_cell_totals(adata, codes, n_types, layer, log1p, chunk_size)[0]
+
+
+def type_sums_and_cell_totals(
+    adata: AnnData,
+    codes: np.ndarray,
+    n_types: int,
+    layer: str | None,
+    log1p: bool,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Each type's summed linear expression (types × genes) and each cell's total (as
+    :func:`~hpvade.data._pseudobulk.cell_totals`), in one pass over the cells: a model reads
+    its reference once for both."""
+    sums, totals = np.zeros((n_types, adata.n_vars)), np.zeros(adata.n_obs)
     for start, stop, block in iter_row_chunks(adata, layer, chunk_size):
-        part = indicator_matrix(codes[start:stop], n_types) @ to_linear(block, log1p)
-        total += part.toarray() if hasattr(part, "toarray") else part
-    return total
+        linear = to_linear(block, log1p)
+        part = indicator_matrix(codes[start:stop], n_types) @ linear
+        sums += part.toarray() if hasattr(part, "toarray") else part
+        totals[start:stop] = np.asarray(linear.sum(axis=1)).ravel()
+    return sums, totals
 
 
 def cpm_columns(aggregate: np.ndarray) -> np.ndarray:
