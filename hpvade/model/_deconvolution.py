@@ -69,8 +69,8 @@ SET_ASIDE_REPORTED = 0.5
 
 
 def result_keys(key_added: str) -> dict[str, str]:
-    """The keys ``get_proportions`` writes besides ``obsm[key_added]``: the names of
-    the keys above with ``key_added``'s prefix (``key_added`` without a
+    """The keys ``get_proportions`` writes besides ``obsm[key_added]``: the default ones
+    (``hpvade_fit_score``, ...) with ``key_added``'s prefix (``key_added`` without a
     ``"_proportions"`` suffix) in place of ``"hpvade"``."""
     prefix = key_added.removesuffix("_proportions")
     keys = {
@@ -181,6 +181,7 @@ class DeconvolutionMixin:
     def _deconvolve(self, bulk: AnnData, request: _Request, unknown_share=None) -> pd.DataFrame:
         """The walk of an in-memory bulk: validate, prepare, fit, diagnose, write."""
         keys = result_keys(request.key_added)
+        # validate and prepare
         measured = None
         if unknown_share is not None:
             measured = measured_unknown_share(bulk, unknown_share, self.cell_types, UNKNOWN_COLUMN)
