@@ -169,6 +169,13 @@ def test_the_default_walk_of_a_bulk_passes_through_at_most_eight_files():
     functions run (docs/contributing.md draws the walk)."""
     import sys
 
+    import pytest
+
+    from tests._every_output import READABLE
+
+    if not READABLE:
+        pytest.skip("the saved model is a numpy 2 pickle")
+
     from tests._every_output import load_saved_model
 
     model, bulk = load_saved_model()
