@@ -35,10 +35,9 @@ class PseudobulkSimulator:
     n_types
         Number of cell types.
     layer, log1p
-        Where the summed values are, and whether they are log1p (``X``) or counts.
-    rna_fractions
-        With counts, a mixture's truth is each type's share of its RNA (a cell's counts carry
-        its RNA content); otherwise the share of its cells.
+        Where the summed values are, and whether they are log1p (``X``) or counts. With
+        counts, a mixture's truth is each type's share of its RNA (a cell's counts carry its
+        RNA content); with log1p values, the share of its cells.
     cells_per_pseudobulk, dirichlet_alpha
         Cells summed into each pseudobulk and the Dirichlet concentration of its proportions
         (``train``'s; the calibrations draw theirs alike).
@@ -51,12 +50,11 @@ class PseudobulkSimulator:
         n_types: int,
         layer: str | None,
         log1p: bool,
-        rna_fractions: bool,
         cells_per_pseudobulk: int = DEFAULT_CELLS_PER_PSEUDOBULK,
         dirichlet_alpha: float = DEFAULT_DIRICHLET_ALPHA,
     ):
         self.adata, self.codes, self.n_types = adata, codes, n_types
-        self.layer, self.log1p, self.rna_fractions = layer, log1p, rna_fractions
+        self.layer, self.log1p = layer, log1p
         self.cells_per_pseudobulk = int(cells_per_pseudobulk)
         self.dirichlet_alpha = float(dirichlet_alpha)
         self._totals = None
@@ -95,7 +93,7 @@ class PseudobulkSimulator:
             cell_indices=cells,
         )
         cpm = cpm_rows(mix_cells(self.adata, counts, self.layer, self.log1p), inplace=True)
-        if self.rna_fractions:
+        if not self.log1p:  # counts: RNA fractions
             fractions = rna_fractions(counts, self.codes, self.n_types, self.cell_totals())
         return cpm, fractions
 

@@ -130,7 +130,6 @@ class HPVADE(
                 self.summary_stats.n_labels,
                 counts_layer if counts_layer is not None else setup_args.get("layer"),
                 log1p=counts_layer is None,
-                rna_fractions=counts_layer is not None,
             )
         settings_ = self.pseudobulk_settings_ or {}
         self._simulator.cells_per_pseudobulk = int(
